@@ -1,0 +1,1 @@
+"""kensa flows part (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""The ``kensa`` command: one entry layer over every part."""

@@ -1,0 +1,25 @@
+"""Root of the ``kensa`` command; subcommands import their part lazily so ``--help`` stays fast."""
+
+from __future__ import annotations
+
+import typer
+
+from kensa.cli import data, db, demo, line, modeling
+
+app = typer.Typer(
+    name="kensa",
+    help="Visual quality control: pilot, KPI gate, scale sweep, approval, serving, monitoring.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(line.app, name="line")
+app.add_typer(data.app, name="data")
+app.add_typer(db.app, name="db")
+app.command("train")(modeling.train_cmd)
+app.command("evaluate")(modeling.evaluate_cmd)
+app.command("export")(modeling.export_cmd)
+app.command("demo")(demo.demo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

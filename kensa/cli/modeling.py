@@ -1,0 +1,162 @@
+"""`kensa train`, `kensa evaluate`, `kensa export`: thin commands over models/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from kensa.cli.common import EXIT_INVALID, console, err_console
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(EXIT_INVALID)
+
+
+def train_cmd(
+    data: Path = typer.Option(..., "--data", help="Ingested dataset folder."),
+    model: str = typer.Option("mobilenet_v3_small", "--model", help="Zoo model name."),
+    epochs: int = typer.Option(5, "--epochs", min=1),
+    out: Path = typer.Option(..., "--out", help="Run directory to write."),
+    fraction: float = typer.Option(1.0, "--fraction", help="Share of the training split."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    lr: float = typer.Option(2e-3, "--lr"),
+    weights: Path | None = typer.Option(None, "--weights", help="Local pretrained weights file."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Wall-clock budget."),
+) -> None:
+    """Train a zoo model on an ingested dataset; writes RUN_DIR/checkpoint.pt."""
+    from models.data import DatasetError
+    from models.train import TrainConfig, train
+    from models.zoo import UnknownModelError
+
+    config = TrainConfig(
+        model=model, epochs=epochs, batch_size=batch_size, lr=lr, fraction=fraction, seed=seed,
+        device=device, weights=str(weights) if weights else None, max_minutes=max_minutes,
+    )
+    try:
+        result = train(data, config, out)
+    except (UnknownModelError, ValueError, FileNotFoundError, DatasetError) as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"trained {result.model} ({result.parameters / 1e6:.2f}M parameters)")
+    for col in ("epochs", "best epoch", "calib loss", "calib acc", "img/s", "seconds"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(result.epochs_run), str(result.best_epoch), f"{result.best_calibration_loss:.4f}",
+        f"{result.calibration_accuracy:.3f}", f"{result.images_per_second:.0f}",
+        f"{result.train_seconds:.1f}",
+    )
+    console.print(table)
+    console.print(f"checkpoint: {result.checkpoint}")
+
+
+def print_qc_table(metrics: dict[str, Any], title: str = "QC on the test split") -> None:
+    table = Table(title=title)
+    for col in ("escape rate", "false reject", "automation", "review", "accuracy", "n"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        f"{metrics['escape_rate']:.3%}", f"{metrics['false_reject_rate']:.3%}",
+        f"{metrics['automation_rate']:.1%}", f"{metrics['review_rate']:.1%}",
+        f"{metrics['accuracy']:.3f}", str(metrics["n"]),
+    )
+    console.print(table)
+    recall = Table(title="per-class recall (argmax) / defect catch rate (not passed)")
+    recall.add_column("class")
+    recall.add_column("recall", justify="right")
+    recall.add_column("caught", justify="right")
+    for c, r in metrics["per_class_recall"].items():
+        caught = metrics["defect_catch_rate"].get(c)
+        recall.add_row(c, "-" if r is None else f"{r:.3f}", "-" if caught is None else f"{caught:.3f}")
+    console.print(recall)
+
+
+def print_band(band: dict[str, Any]) -> None:
+    colour = "green" if band["guaranteed"] else "yellow"
+    console.print(
+        f"[bold]review band[/bold]: ok if score ≤ {band['t_ok']:.4f}, defect if ≥ "
+        f"{band['t_defect']:.4f}  [{colour}]{band['message']}[/{colour}]"
+    )
+
+
+def print_robustness(rob: dict[str, Any]) -> None:
+    table = Table(title=f"robustness on {rob['n_images']} test parts (mean over severities 1–5)")
+    for col in ("corruption", "error", "escape", "false reject", "error gap", "rCE"):
+        table.add_column(col, justify="left" if col == "corruption" else "right")
+    clean = rob["clean"]
+    table.add_row("clean", f"{clean['error']:.3f}", f"{clean['escape_rate']:.3f}",
+                  f"{clean['false_reject_rate']:.3f}", "", "")
+    for name, sev in rob["per_corruption"].items():
+        vals = list(sev.values())
+        rce = rob["relative_ce"].get(name)
+        table.add_row(
+            name,
+            f"{sum(v['error'] for v in vals) / len(vals):.3f}",
+            f"{sum(v['escape_rate'] for v in vals) / len(vals):.3f}",
+            f"{sum(v['false_reject_rate'] for v in vals) / len(vals):.3f}",
+            f"{rob['error_gap'][name]:+.3f}",
+            "-" if rce is None else f"{rce:.2f}",
+        )
+    console.print(table)
+
+
+def evaluate_cmd(
+    run_dir: Path = typer.Argument(..., help="Run directory written by `kensa train`."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset; default: the one trained on."),
+    corruptions: bool = typer.Option(False, "--corruptions", help="Add the robustness suite."),
+    reference: Path | None = typer.Option(
+        None, "--reference", help="Run dir of the reference model for relative CE."
+    ),
+    alpha: float = typer.Option(0.02, "--alpha", help="Max escape rate the band guarantees."),
+    delta: float = typer.Option(0.1, "--delta", help="1 − confidence of the guarantee."),
+    max_false_reject: float = typer.Option(0.05, "--max-false-reject"),
+) -> None:
+    """Evaluate a run like a QC lead: band, escapes, false rejects, slices, robustness, plots."""
+    from models.data import DatasetError
+    from models.evaluate import BandPolicy, evaluate_run
+
+    try:
+        metrics = evaluate_run(
+            run_dir, data, corruptions, BandPolicy(alpha, delta, max_false_reject), reference
+        )
+    except (ValueError, FileNotFoundError, DatasetError) as exc:
+        raise _fail(str(exc)) from None
+    print_band(metrics["band"])
+    print_qc_table(metrics)
+    if "robustness" in metrics:
+        print_robustness(metrics["robustness"])
+    console.print(f"metrics: {run_dir / 'metrics.json'}  plots: {run_dir / 'plots'}")
+
+
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="Evaluated run directory."),
+    out: Path = typer.Option(..., "--out", help="ONNX file to write."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also write a gated FP16 variant."),
+    int8: bool = typer.Option(False, "--int8", help="Also write a gated INT8 variant."),
+) -> None:
+    """Export to ONNX with metadata and a parity check against PyTorch."""
+    from models.export import ParityError, export_run
+
+    try:
+        result = export_run(run_dir, out, fp16=fp16, int8=int8)
+    except ParityError as exc:
+        err_console.print(f"[red]parity check failed:[/red] {exc}")
+        raise typer.Exit(1) from None
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    print_parity(result.parity)
+    for name, v in result.variants.items():
+        state = "[green]kept[/green]" if v["kept"] else f"[yellow]dropped[/yellow] ({v['reason']})"
+        console.print(f"{name}: verdict agreement {v['verdict_agreement']:.2%}, {state}")
+    console.print(f"model: {result.path}  sha256 {result.sha256[:16]}…")
+
+
+def print_parity(parity: dict[str, Any]) -> None:
+    ok = "[green]passed[/green]" if parity["passed"] else "[red]FAILED[/red]"
+    console.print(
+        f"parity {ok}: {parity['n_images']} images, max |Δp| {parity['max_abs_prob_diff']:.2e} "
+        f"(≤ {parity['tolerance']:.0e}), verdict agreement {parity['verdict_agreement']:.2%}"
+    )

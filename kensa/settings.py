@@ -1,0 +1,92 @@
+"""The one settings object every kensa entry point builds once and passes down."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The synthetic line's label set; a user's own line configures its own (KENSA_CLASSES).
+DEFAULT_CLASSES: tuple[str, ...] = (
+    "ok",
+    "defect_scratch",
+    "defect_dent",
+    "defect_stain",
+    "defect_missing_hole",
+    "defect_crack",
+)
+
+
+class Settings(BaseSettings):
+    """Everything configurable in kensa, read from ``KENSA_*`` environment variables.
+
+    Build it once at an entry point (``Settings()``) and pass it down; no other module reads the
+    environment. Empty URLs mean "the embedded default under ``data_dir``".
+    """
+
+    model_config = SettingsConfigDict(env_prefix="KENSA_", env_file=None, extra="ignore")
+
+    data_dir: Path = Field(Path(".kensa"), description="Where embedded stores and artifacts live.")
+    store_url: str = Field("", description="SQLAlchemy URL of the store; empty = SQLite in data_dir.")
+    mlflow_tracking_uri: str = Field("", description="MLflow tracking URI; empty = SQLite in data_dir.")
+    prefect_api_url: str = Field("", description="Prefect API URL; empty = embedded ephemeral API.")
+    project_config: Path | None = Field(None, description="Path of kensa.toml (project config).")
+
+    # Dataset rules (ingestion).
+    classes: tuple[str, ...] = Field(DEFAULT_CLASSES, description="Accepted labels; 'ok' first.")
+    min_images_per_class: int = Field(5, ge=1)
+    split_fractions: tuple[float, float, float] = Field(
+        (0.6, 0.2, 0.2), description="train, calibration, test fractions (grouped by part id)."
+    )
+    split_seed: int = 0
+
+    log_level: str = "INFO"
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _split_classes(cls, value: object) -> object:
+        # Allow KENSA_CLASSES=ok,defect_a,defect_b besides a JSON list.
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _ok_first(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or value[0] != "ok" or len(set(value)) != len(value) or len(value) < 2:
+            msg = f"classes must start with 'ok', be unique and name at least one defect; got {value}"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(
+        cls, value: tuple[float, float, float]
+    ) -> tuple[float, float, float]:
+        if any(f <= 0 for f in value) or abs(sum(value) - 1.0) > 1e-6:
+            msg = f"split_fractions must be three positive numbers summing to 1; got {value}"
+            raise ValueError(msg)
+        return value
+
+    @cached_property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{(self.data_dir / 'kensa.db').resolve()}"
+
+    @cached_property
+    def resolved_mlflow_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{(self.data_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.data_dir / "prefect"
+
+    def ensure_dirs(self) -> None:
+        """Create the embedded-default folders (idempotent)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.artifacts_dir.mkdir(parents=True, exist_ok=True)

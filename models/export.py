@@ -1,0 +1,285 @@
+"""ONNX export of a trained run: uint8 NHWC in, probs and drift features out, metadata inside."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from kensa import __version__
+from models.data import load_dataset
+from models.qc import qc_metrics, verdicts
+from models.train import LoadedModel, load_checkpoint, split_tensors
+from models.zoo import QCNet
+
+OPSET = 17
+MAX_FEATURES = 32
+PARITY_ATOL = 1e-4
+PARITY_SAMPLE_SEED = 1234
+PARITY_SAMPLE_SHAPE = 4  # noise images whose expected probs ride in the metadata
+
+
+class ParityError(RuntimeError):
+    """The exported graph does not reproduce the PyTorch model."""
+
+
+class ExportGraph(nn.Module):
+    """uint8 NHWC images → (probs (B, C), features (B, K)); everything serving needs is inside."""
+
+    def __init__(self, net: nn.Module, pca_mean: torch.Tensor, pca_components: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("pca_mean", pca_mean.float())  # (D,)
+        self.register_buffer("pca_components", pca_components.float())  # (K, D)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W) in [0, 1]
+        emb = embed(self.net, x)  # (B, D)
+        probs = torch.softmax(head(self.net, emb), dim=1)
+        features = (emb - self.pca_mean) @ self.pca_components.T  # (B, K)
+        return probs, features
+
+
+def embed(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The embedding of a kensa model; for any other module, its logits stand in."""
+    return net.embed(x) if isinstance(net, QCNet) else net(x)
+
+
+def head(net: nn.Module, emb: torch.Tensor) -> torch.Tensor:
+    return net.head(emb) if isinstance(net, QCNet) else emb
+
+
+@dataclass
+class ExportResult:
+    """Where the model went, what it promises, and the parity evidence."""
+
+    path: Path
+    sha256: str
+    metadata: dict[str, str]
+    parity: dict[str, Any]
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+@torch.no_grad()
+def fit_pca(net: nn.Module, images: torch.Tensor, k: int = MAX_FEATURES) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA of training embeddings: mean (D,) and the top-k components (k, D)."""
+    net.eval()
+    embs = torch.cat(
+        [embed(net, images[i : i + 64].float() / 255.0) for i in range(0, len(images), 64)]
+    ).double()
+    mean = embs.mean(0)
+    k = max(1, min(k, embs.shape[1], len(embs) - 1))
+    _, _, vh = torch.linalg.svd(embs - mean, full_matrices=False)
+    return mean.float(), vh[:k].float()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parity_sample_images(input_size: int) -> np.ndarray:
+    """Deterministic noise images (uint8 NHWC) that anyone can regenerate to check a model file."""
+    rng = np.random.default_rng(PARITY_SAMPLE_SEED)
+    return rng.integers(0, 256, (PARITY_SAMPLE_SHAPE, input_size, input_size, 3), dtype=np.uint8)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The kensa metadata of an ONNX file, JSON values decoded."""
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    out: dict[str, Any] = {}
+    for k, v in props.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def cpu_session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(sess: ort.InferenceSession, images_nhwc: np.ndarray, batch: int = 64) -> np.ndarray:
+    outs = [sess.run(["probs"], {"images": images_nhwc[i : i + batch]})[0]
+            for i in range(0, len(images_nhwc), batch)]
+    return np.concatenate(outs).astype(np.float64)
+
+
+def _parity_images(calib: torch.Tensor, test: torch.Tensor, n: int) -> torch.Tensor:
+    pool = torch.cat([calib, test])
+    # Fewer than n real parts: add flipped copies, which are still in-distribution images.
+    variants = [pool, pool.flip(-1), pool.flip(-2), pool.flip(-1, -2)]
+    out = torch.cat(variants)
+    while len(out) < n:
+        out = torch.cat([out, out])
+    return out[: max(n, len(pool))]
+
+
+def export_onnx_file(
+    net: nn.Module,
+    input_size: int,
+    out: Path,
+    metadata: dict[str, Any],
+    pca: tuple[torch.Tensor, torch.Tensor],
+) -> Path:
+    """Write the ONNX graph with kensa metadata to ``out`` (atomically) and check it."""
+    graph = ExportGraph(net, *pca).eval()
+    dummy = torch.zeros(2, input_size, input_size, 3, dtype=torch.uint8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        torch.onnx.export(
+            graph, (dummy,), str(tmp), dynamo=False, opset_version=OPSET,
+            input_names=["images"], output_names=["probs", "features"],
+            dynamic_axes={"images": {0: "batch"}, "probs": {0: "batch"}, "features": {0: "batch"}},
+        )
+        proto = onnx.load(str(tmp))
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key = key
+            entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        proto.producer_name = "kensa"
+        proto.producer_version = __version__
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def check_parity(
+    net: nn.Module,
+    onnx_path: Path,
+    images: torch.Tensor,
+    classes: list[str],
+    band: dict[str, Any],
+    atol: float = PARITY_ATOL,
+) -> dict[str, Any]:
+    """Compare ONNX Runtime (CPU, FP32) with PyTorch eager on the same uint8 images."""
+    with torch.no_grad():
+        ref = torch.cat(
+            [torch.softmax(net(images[i : i + 64].float() / 255.0), 1)
+             for i in range(0, len(images), 64)]
+        ).double().numpy()
+    got = run_onnx(cpu_session(onnx_path), images.permute(0, 2, 3, 1).contiguous().numpy())
+    v_ref, _ = verdicts(ref, classes, band["t_ok"], band["t_defect"])
+    v_got, _ = verdicts(got, classes, band["t_ok"], band["t_defect"])
+    max_diff = float(np.abs(ref - got).max())
+    agreement = float((v_ref == v_got).mean())
+    return {
+        "n_images": len(images),
+        "max_abs_prob_diff": max_diff,
+        "tolerance": atol,
+        "verdict_agreement": agreement,
+        "passed": bool(max_diff <= atol and agreement == 1.0),
+    }
+
+
+def export_run(
+    run_dir: Path,
+    out: Path,
+    fp16: bool = False,
+    int8: bool = False,
+    parity_images: int = 256,
+    variant_tolerance: float = 0.01,
+) -> ExportResult:
+    """Export a trained, evaluated run to ONNX with its band, PCA features and a parity report.
+
+    The band comes from ``run_dir/band.json`` (written by ``kensa evaluate``): thresholds are a
+    governed artifact, so export never invents them. Raises :class:`ParityError` (and removes the
+    file) when the graph does not reproduce PyTorch.
+    """
+    band_path = run_dir / "band.json"
+    if not band_path.is_file():
+        msg = f"{band_path} is missing; run `kensa evaluate {run_dir}` first to calibrate the band"
+        raise FileNotFoundError(msg)
+    band = json.loads(band_path.read_text())
+    loaded = load_checkpoint(run_dir)
+    ds = load_dataset(loaded.dataset_root)
+    size = loaded.input_size
+    train_imgs = split_tensors(ds, "train", size).images[:1024]
+    calib = split_tensors(ds, "calibration", size)
+    test = split_tensors(ds, "test", size)
+    pca = fit_pca(loaded.model, train_imgs)
+    metadata = build_metadata(loaded, band, pca_dims=int(pca[1].shape[0]))
+    sample = parity_sample_images(size)
+    with torch.no_grad():
+        sample_probs = torch.softmax(
+            loaded.model(torch.from_numpy(sample).permute(0, 3, 1, 2).float() / 255.0), 1
+        )
+    metadata["parity_sample"] = {
+        "seed": PARITY_SAMPLE_SEED, "n": PARITY_SAMPLE_SHAPE,
+        "probs": np.round(sample_probs.numpy().astype(np.float64), 6).tolist(), "atol": 1e-3,
+    }
+    export_onnx_file(loaded.model, size, out, metadata, pca)
+    images = _parity_images(calib.images, test.images, parity_images)
+    parity = check_parity(loaded.model, out, images, loaded.classes, band)
+    report_path = out.with_suffix(".parity.json")
+    report_path.write_text(json.dumps(parity, indent=2))
+    if not parity["passed"]:
+        out.unlink(missing_ok=True)
+        msg = (f"parity failed: max |Δp| = {parity['max_abs_prob_diff']:.2e} (limit {PARITY_ATOL}),"
+               f" verdict agreement {parity['verdict_agreement']:.2%} (need 100%)")
+        raise ParityError(msg)
+    result = ExportResult(out, sha256_file(out), {k: str(v) for k, v in metadata.items()}, parity)
+    test_nhwc = test.images.permute(0, 2, 3, 1).contiguous().numpy()
+    labels = test.labels.numpy()
+    if fp16 or int8:
+        from models.variants import make_fp16, make_int8
+
+        base = run_onnx(cpu_session(out), test_nhwc)
+        base_metrics = qc_metrics(base, labels, loaded.classes, band["t_ok"], band["t_defect"])
+        if fp16:
+            result.variants["fp16"] = make_fp16(
+                out, test_nhwc, labels, loaded.classes, band, base, base_metrics, variant_tolerance
+            )
+        if int8:
+            calib_nhwc = calib.images.permute(0, 2, 3, 1).contiguous().numpy()
+            result.variants["int8"] = make_int8(
+                out, calib_nhwc, test_nhwc, labels, loaded.classes, band, base, base_metrics,
+                variant_tolerance,
+            )
+    (out.with_suffix(".export.json")).write_text(json.dumps(result.to_dict(), indent=2))
+    return result
+
+
+def build_metadata(loaded: LoadedModel, band: dict[str, Any], pca_dims: int) -> dict[str, Any]:
+    """The self-description every kensa ONNX file carries (JSON-encoded string values)."""
+    return {
+        "kensa_format": "kensa-onnx/1",
+        "model_name": loaded.model_name,
+        "classes": loaded.classes,
+        "input_size": loaded.input_size,
+        "input_layout": "NHWC uint8 RGB",
+        "thresholds": {k: band[k] for k in ("t_ok", "t_defect", "alpha", "delta", "guaranteed")
+                       if k in band},
+        "band": band,
+        "dataset_version": loaded.dataset_version,
+        "training_config": loaded.config,
+        "code_version": __version__,
+        "feature_dims": pca_dims,
+    }

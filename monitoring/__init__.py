@@ -1,0 +1,1 @@
+"""kensa monitoring part (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""kensa serving part (see DESIGN.md)."""

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny synthetic lines made on the fly, ingested, and trained runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kensa.settings import Settings
+
+
+def require_service(reason: str) -> None:
+    """Skip where a real service is missing, but fail in CI (KENSA_REQUIRE_SERVICES=1)."""
+    if os.environ.get("KENSA_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"required service missing in CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(data_dir=tmp_path_factory.mktemp("kensa-data"))
+
+
+def make_line(root: Path, n: int, seed: int, image_size: int, settings: Settings) -> Path:
+    from models.data import ingest_dataset
+    from models.synthetic import LineConditions, generate_dataset
+
+    generate_dataset(root, n=n, seed=seed, image_size=image_size, conditions=LineConditions())
+    ingest_dataset(root, settings)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_line(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Path:
+    """An ingested synthetic line: 360 parts at 64 px (seconds to make, enough for every split)."""
+    return make_line(tmp_path_factory.mktemp("line") / "data", 360, 7, 64, settings)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_line: Path) -> Path:
+    """A small model trained and evaluated (band calibrated) on the tiny line."""
+    from models.evaluate import evaluate_run
+    from models.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("run") / "small"
+    train(tiny_line, TrainConfig(model="mobilenet_v3_small", epochs=3, seed=0), run,
+          show_progress=False)
+    evaluate_run(run, show_progress=False)
+    return run
