@@ -42,6 +42,26 @@ class Settings(BaseSettings):
     )
     split_seed: int = 0
 
+    # Registry: where flows put models and serving finds the champion.
+    registry_name: str = Field("kensa-qc", description="MLflow registered model name.")
+
+    # Serving.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_wait_ms: float = Field(4.0, ge=0, description="Longest a request waits to fill a batch.")
+    queue_size: int = Field(512, ge=1, description="Bounded queue; beyond it requests get 503.")
+    request_timeout_s: float = Field(10.0, gt=0, description="Per-request deadline (504).")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1, description="Decompression-bomb guard.")
+    decode_threads: int = Field(2, ge=1)
+    sample_rate: float = Field(0.02, ge=0, le=1, description="Share of non-review images stored.")
+    champion_poll_s: float = Field(10.0, gt=0, description="How often serving checks the alias.")
+    drain_s: float = Field(
+        2.0, ge=0, description="After SIGTERM, how long readiness answers 503 before serving stops."
+    )
+    session_secret: str = Field("", description="Console cookie signing key; empty = generated.")
+
     log_level: str = "INFO"
 
     @field_validator("classes", mode="before")
@@ -81,6 +101,11 @@ class Settings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return self.data_dir / "artifacts"
+
+    @property
+    def images_dir(self) -> Path:
+        """Content-addressed images kept for review and retraining."""
+        return self.data_dir / "images"
 
     @property
     def prefect_home(self) -> Path:

@@ -115,6 +115,11 @@ def build_model(name: str, num_classes: int, weights: Path | None = None) -> QCN
         msg = f"a QC model needs at least 2 classes, got {num_classes}"
         raise ValueError(msg)
     model = ZOO[name].build(num_classes)
+    for m in model.modules():
+        # torchvision's MobileNet/EfficientNet use BN momentum 0.01, tuned for 600 ImageNet epochs;
+        # a short from-scratch run then evaluates with running statistics far from the truth.
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.1
     if weights is not None:
         load_local_weights(model, weights)
     return model

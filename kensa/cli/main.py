@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from kensa.cli import data, db, demo, line, modeling
+from kensa.cli import data, db, demo, flows, line, modeling
 
 app = typer.Typer(
     name="kensa",
@@ -19,6 +19,11 @@ app.command("train")(modeling.train_cmd)
 app.command("evaluate")(modeling.evaluate_cmd)
 app.command("export")(modeling.export_cmd)
 app.command("demo")(demo.demo)
+app.command("pilot")(flows.pilot_cmd)
+app.command("approve")(flows.approve_cmd)
+app.command("reject")(flows.reject_cmd)
+app.command("rollback")(flows.rollback_cmd)
+app.command("cost")(flows.cost_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

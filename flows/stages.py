@@ -1,0 +1,88 @@
+"""One training stage as plain function calls: train → evaluate (with corruptions) → export → latency.
+
+The pilot and every sweep trial run exactly this; Prefect tasks and ``bench/flows.py`` wrap it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.evaluate import BandPolicy, evaluate_run
+from models.export import cpu_session, export_run
+from models.train import TrainConfig, TrainResult, train
+
+
+@dataclass
+class StageOutcome:
+    """Everything a stage produced that flows record, gate and compare."""
+
+    model: str
+    fraction: float
+    run_dir: Path
+    onnx_path: Path
+    parameters: int
+    train_images: int
+    train: dict[str, Any]
+    metrics: dict[str, Any]
+    parity: dict[str, Any]
+    seconds: float
+    latency_ms_per_image: float  # ONNX Runtime, CPU, at the serving batch size
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["run_dir"] = str(self.run_dir)
+        d["onnx_path"] = str(self.onnx_path)
+        return d
+
+
+def measure_latency(onnx_path: Path, input_size: int, batch: int, repeats: int = 5) -> float:
+    """Milliseconds per image of the exported model at ``batch`` (median of ``repeats``)."""
+    sess = cpu_session(onnx_path)
+    x = np.random.default_rng(0).integers(0, 256, (batch, input_size, input_size, 3), np.uint8)
+    sess.run(["probs"], {"images": x})  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(["probs"], {"images": x})
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1000.0 / batch
+
+
+def run_stage(
+    data_root: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    policy: BandPolicy,
+    reference: Path | None = None,
+    serving_batch: int = 8,
+    max_robustness_images: int = 192,
+    show_progress: bool = True,
+) -> StageOutcome:
+    """Train, evaluate like a QC lead (with the corruption suite), export with parity, time it."""
+    t0 = time.perf_counter()
+    result: TrainResult = train(data_root, config, out_dir, show_progress=show_progress)
+    metrics = evaluate_run(
+        out_dir, data_root, corruptions=True, policy=policy, reference=reference,
+        max_robustness_images=max_robustness_images, show_progress=show_progress,
+    )
+    exported = export_run(out_dir, out_dir / "model.onnx")
+    latency = measure_latency(exported.path, int(exported.metadata["input_size"]), serving_batch)
+    return StageOutcome(
+        model=config.model,
+        fraction=config.fraction,
+        run_dir=out_dir,
+        onnx_path=exported.path,
+        parameters=result.parameters,
+        train_images=result.train_images,
+        train=result.to_dict(),
+        metrics=metrics,
+        parity=exported.parity,
+        seconds=time.perf_counter() - t0,
+        latency_ms_per_image=latency,
+    )
