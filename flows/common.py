@@ -50,11 +50,11 @@ def flow_context(config_path: str | None) -> FlowContext:
 @task(name="train-evaluate-export", cache_policy=NO_CACHE)
 def stage_task(
     data_root: Path, out_dir: Path, train_config: TrainConfig, policy: BandPolicy,
-    reference: Path | None, serving_batch: int, max_robustness_images: int,
+    reference: Path | None, serving_batch: int, max_robustness_images: int, nproc: int = 1,
 ) -> StageOutcome:
     """One stage (train → evaluate with corruptions → export with parity → latency)."""
     return run_stage(data_root, out_dir, train_config, policy, reference, serving_batch,
-                     max_robustness_images, show_progress=True)
+                     max_robustness_images, show_progress=True, nproc=nproc)
 
 
 def log_outcome(client: MlflowClient, run_id: str, outcome: StageOutcome) -> None:

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import FlowContext, flow_context, log_outcome, record_stage_cost, stage_task
 from flows.compute import check_budget, estimate_training
+from flows.distributed import processes_for
 from flows.gate import GateFailedError, evaluate_gate
 from flows.tracking import log_dataset_input
 from models.data import load_dataset
@@ -44,6 +45,7 @@ def pilot(
     seed: int = 0,
     continue_to_sweep: bool = True,
     registered_by: str = "kensa-pilot",
+    wait_for_approval: bool = False,
 ) -> dict[str, Any]:
     """Pilot → KPI gate → (scale sweep → candidate). Returns what happened, for the CLI."""
     logger = get_run_logger()
@@ -66,7 +68,8 @@ def pilot(
                                    device=ctx.config.targets[p.target].device,
                                    max_minutes=p.max_minutes)
         outcome = stage_task(data_root, root / "pilot", train_config, ctx.policy, None,
-                             ctx.config.serving.batch_size, ctx.config.sweep.max_robustness_images)
+                             ctx.config.serving.batch_size, ctx.config.sweep.max_robustness_images,
+                             processes_for(ctx.config.targets[p.target]))
         log_outcome(ctx.client, run_id, outcome)
         cost = record_stage_cost(ctx, run_id, "pilot", p.target, outcome.seconds)
         gate = evaluate_gate(outcome.metrics, ctx.config.kpi)
@@ -96,4 +99,10 @@ def pilot(
             out_dir=str(root / "sweep"), seed=seed, parent_run_id=run_id,
             registered_by=registered_by,
         )
+        if wait_for_approval:
+            from flows.approval import wait_for_approval as wait
+
+            summary["approval"] = wait(summary["sweep"]["model_name"],
+                                       summary["sweep"]["model_version"], ctx.config.approval,
+                                       ctx.settings)
     return summary

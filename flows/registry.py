@@ -33,7 +33,7 @@ from kensa.registry import (
 from kensa.settings import Settings
 from kensa.store.audit import append_event
 from kensa.store.connect import open_store
-from models.export import read_metadata, sha256_file
+from models.export import read_metadata, sha256_file, working_providers
 
 TAG_PREVIOUS_CHAMPION = "kensa.previous_champion"
 
@@ -68,7 +68,7 @@ def register_candidate(
     meta = read_metadata(onnx_path)
     info = mlflow.onnx.log_model(
         onnx.load(str(onnx_path)), name=MODEL_ARTIFACT, registered_model_name=name,
-        save_as_external_data=False,
+        save_as_external_data=False, onnx_execution_providers=working_providers(),
     )
     version = str(info.registered_model_version)
     client = MlflowClient()

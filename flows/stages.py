@@ -5,6 +5,7 @@ The pilot and every sweep trial run exactly this; Prefect tasks and ``bench/flow
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,13 @@ class StageOutcome:
         return d
 
 
+def load_train_result(run_dir: Path) -> TrainResult:
+    """The TrainResult a (possibly distributed) run wrote to ``train.json``."""
+    raw = json.loads((run_dir / "train.json").read_text())
+    raw["run_dir"], raw["checkpoint"] = Path(raw["run_dir"]), Path(raw["checkpoint"])
+    return TrainResult(**raw)
+
+
 def measure_latency(onnx_path: Path, input_size: int, batch: int, repeats: int = 5) -> float:
     """Milliseconds per image of the exported model at ``batch`` (median of ``repeats``)."""
     sess = cpu_session(onnx_path)
@@ -63,10 +71,20 @@ def run_stage(
     serving_batch: int = 8,
     max_robustness_images: int = 192,
     show_progress: bool = True,
+    nproc: int = 1,
 ) -> StageOutcome:
-    """Train, evaluate like a QC lead (with the corruption suite), export with parity, time it."""
+    """Train, evaluate like a QC lead (with the corruption suite), export with parity, time it.
+
+    ``nproc`` > 1 trains under ``torchrun`` (DDP, one process per device); the rest runs here.
+    """
     t0 = time.perf_counter()
-    result: TrainResult = train(data_root, config, out_dir, show_progress=show_progress)
+    if nproc > 1:
+        from flows.distributed import train_distributed
+
+        train_distributed(data_root, config, out_dir, nproc)
+        result = load_train_result(out_dir)
+    else:
+        result = train(data_root, config, out_dir, show_progress=show_progress)
     metrics = evaluate_run(
         out_dir, data_root, corruptions=True, policy=policy, reference=reference,
         max_robustness_images=max_robustness_images, show_progress=show_progress,

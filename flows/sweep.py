@@ -29,6 +29,7 @@ from flows.common import (
     write_json,
 )
 from flows.compute import Estimate, check_budget, estimate_training, place_trials
+from flows.distributed import processes_for
 from flows.gate import GateFailedError, corrupted_escape, evaluate_gate
 from flows.ledger import attach_model_version
 from flows.plots import plot_cost_frontier, plot_scaling
@@ -141,7 +142,8 @@ def sweep(
                               device=ctx.config.targets[est.target].device)
             futures[key] = stage_task.submit(
                 data_root, root / key.replace("@", "_f"), cfg, ctx.policy, reference,
-                ctx.config.serving.batch_size, s.max_robustness_images)
+                ctx.config.serving.batch_size, s.max_robustness_images,
+                processes_for(ctx.config.targets[est.target]))
         trials: list[Trial] = []
         for key, future in futures.items():
             outcome = future.result()

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from models.zoo import QCNet
 OPSET = 17
 MAX_FEATURES = 32
 PARITY_ATOL = 1e-4
+_EXPORT_LOCK = threading.Lock()
 TIE_EPS = 1e-6  # a score this close to a threshold is a tie under float32 rounding
 PARITY_SAMPLE_SEED = 1234
 PARITY_SAMPLE_SHAPE = 4  # noise images whose expected probs ride in the metadata
@@ -115,6 +117,45 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return out
 
 
+def working_providers() -> list[str]:
+    """Execution providers that actually initialise here, best first (CUDA only with a GPU).
+
+    onnxruntime-gpu lists CUDA as available even without a driver and then logs errors when a
+    session asks for it; a tiny probe session with errors silenced tells the truth.
+    """
+    global _PROVIDERS
+    if _PROVIDERS is None:
+        found = ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            ort.set_default_logger_severity(4)
+            try:
+                probe = _probe_model()
+                opts = ort.SessionOptions()
+                opts.log_severity_level = 4
+                sess = ort.InferenceSession(probe, opts, providers=["CUDAExecutionProvider"])
+                if "CUDAExecutionProvider" in sess.get_providers():
+                    found.insert(0, "CUDAExecutionProvider")
+            except Exception:  # noqa: BLE001 - any failure means "no usable CUDA here"
+                pass
+            finally:
+                ort.set_default_logger_severity(2)
+        _PROVIDERS = found
+    return list(_PROVIDERS)
+
+
+_PROVIDERS: list[str] | None = None
+
+
+def _probe_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Identity", ["x"], ["y"])
+    graph = helper.make_graph([node], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]).SerializeToString()
+
+
 def cpu_session(path: Path) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -152,11 +193,13 @@ def export_onnx_file(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        torch.onnx.export(
-            graph, (dummy,), str(tmp), dynamo=False, opset_version=OPSET,
-            input_names=["images"], output_names=["probs", "features"],
-            dynamic_axes={"images": {0: "batch"}, "probs": {0: "batch"}, "features": {0: "batch"}},
-        )
+        with _EXPORT_LOCK:  # the TorchScript exporter keeps global state: one export at a time
+            torch.onnx.export(
+                graph, (dummy,), str(tmp), dynamo=False, opset_version=OPSET,
+                input_names=["images"], output_names=["probs", "features"],
+                dynamic_axes={"images": {0: "batch"}, "probs": {0: "batch"},
+                              "features": {0: "batch"}},
+            )
         proto = onnx.load(str(tmp))
         for key, value in metadata.items():
             entry = proto.metadata_props.add()

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from kensa.settings import Settings
+# Prefect reads its environment at import: keep tests out of ~/.prefect and patient on 2 cores.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="kensa-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from kensa.settings import Settings  # noqa: E402
 
 
 def require_service(reason: str) -> None:

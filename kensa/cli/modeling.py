@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ def train_cmd(
         result = train(data, config, out)
     except (UnknownModelError, ValueError, FileNotFoundError, DatasetError) as exc:
         raise _fail(str(exc)) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 alone reports (and alone wrote the checkpoint)
     table = Table(title=f"trained {result.model} ({result.parameters / 1e6:.2f}M parameters)")
     for col in ("epochs", "best epoch", "calib loss", "calib acc", "img/s", "seconds"):
         table.add_column(col, justify="right")

@@ -1,0 +1,214 @@
+"""The staged flow on the embedded default: KPI gate, budget refusal, sweep choice, approvals, DDP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from kensa.cli.common import get_settings
+from kensa.cli.main import app
+from kensa.registry import ALIAS_CANDIDATE, ALIAS_CHAMPION, TAG_REGISTERED_BY, TAG_STATUS
+from kensa.settings import Settings
+from kensa.store.audit import verify_chain
+from kensa.store.connect import open_store
+from kensa.store.models import AuditEvent, CostEntry
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LENIENT = """
+name = "qc-test"
+[kpi]
+max_escape_rate = 0.6
+confidence = 0.9
+min_automation_rate = 0.0
+max_false_reject_rate = 0.6
+max_corrupted_escape_rate = 1.0
+max_relative_ce = 1000
+[pilot]
+epochs = 1
+fraction = 0.4
+[sweep]
+models = ["mobilenet_v3_small", "mobilenet_v3_large"]
+fractions = [0.5, 1.0]
+epochs = 1
+max_robustness_images = 24
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """A fresh data dir (store, MLflow, runs) for one test, as a user's environment would set it."""
+    monkeypatch.setenv("KENSA_DATA_DIR", str(tmp_path / "kensa"))
+    get_settings.cache_clear()
+    settings = Settings()
+    from flows.tracking import configure_mlflow
+
+    configure_mlflow(settings)
+    return settings
+
+
+def write_config(tmp_path: Path, text: str, **replace: str) -> Path:
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    path = tmp_path / "kensa.toml"
+    path.write_text(text)
+    return path
+
+
+def _runs(name: str | None = None) -> list[mlflow.entities.Run]:
+    exp = MlflowClient().get_experiment_by_name("kensa")
+    if exp is None:
+        return []
+    runs = MlflowClient().search_runs([exp.experiment_id])
+    return [r for r in runs if name is None or r.info.run_name == name]
+
+
+def test_unreachable_kpi_stops_before_the_sweep(tiny_line: Path, tmp_path: Path,
+                                                env: Settings) -> None:
+    from flows.gate import GateFailedError
+    from flows.pilot import pilot
+
+    config = write_config(tmp_path, LENIENT, **{"max_escape_rate = 0.6": "max_escape_rate = 0.0001",
+                                                "min_automation_rate = 0.0":
+                                                "min_automation_rate = 0.999"})
+    with pytest.raises(GateFailedError) as err:
+        pilot(data=str(tiny_line), config_path=str(config))
+    message = str(err.value)
+    assert "automation rate" in message and "off by" in message
+    assert "no scale spend" in message
+    (run,) = _runs("pilot")
+    assert run.data.tags["kensa.gate"] == "failed"
+    assert "automation rate" in run.data.tags["kensa.gate.message"]
+    assert _runs("sweep") == []  # nothing was spent on scale
+    with open_store(env)() as session:
+        stages = [c.stage for c in session.scalars(select(CostEntry))]
+    assert stages == ["pilot"]
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_budget_overrun_is_refused_before_anything_starts(tiny_line: Path, tmp_path: Path,
+                                                          env: Settings) -> None:
+    r = CliRunner().invoke(app, ["pilot", "--data", str(tiny_line), "--config",
+                                 str(write_config(tmp_path, LENIENT + "budget = 0.0\n"))])
+    # budget = 0 appended under [sweep]: the pilot passes, the sweep is refused before any trial.
+    assert r.exit_code == 2, r.output
+    assert "exceeds the budget" in r.output and "nothing was started" in r.output
+    assert _runs("sweep") == [] and len(_runs("pilot")) == 1
+    assert all(not r.info.run_name.startswith("mobilenet") for r in _runs())
+
+
+def test_pilot_to_candidate_then_approval_reject_rollback(tiny_line: Path, tmp_path: Path,
+                                                          env: Settings) -> None:
+    from flows.pilot import pilot
+
+    config = write_config(tmp_path, LENIENT)
+    summary = pilot(data=str(tiny_line), config_path=str(config), registered_by="dana")
+    sweep = summary["sweep"]
+    trials = sweep["trials"]
+    assert len(trials) == 4 and all(t["run_id"] for t in trials)
+    eligible = [t for t in trials if t["meets_kpi"]]
+    assert sweep["chosen"]["tco"] == min(t["tco"] for t in eligible)
+    for png in (sweep["scaling_plot"], sweep["frontier_plot"]):
+        assert Path(png).stat().st_size > 5000
+    # Each trial is a nested run with clean and corrupted metrics, cost and latency.
+    sweep_run = MlflowClient().get_run(sweep["sweep_run_id"])
+    assert sweep_run.data.tags["mlflow.parentRunId"] == summary["pilot_run_id"]
+    child = MlflowClient().get_run(trials[0]["run_id"])
+    for key in ("test.escape_rate", "robustness.corrupted_error", "cost.amount",
+                "cost.serving_per_million", "latency_ms_per_image"):
+        assert key in child.data.metrics
+    client = MlflowClient()
+    v1 = client.get_model_version_by_alias("qc-test", ALIAS_CANDIDATE)
+    first = str(v1.version)
+    assert v1.tags[TAG_REGISTERED_BY] == "dana"
+    for tag in ("kensa.dataset_version", "kensa.thresholds", "kensa.kpi", "kensa.cost",
+                "kensa.parity", "kensa.code_version", "kensa.onnx_sha256"):
+        assert v1.tags[tag]
+    model = mlflow.pyfunc.load_model(f"models:/qc-test@{ALIAS_CANDIDATE}")
+    import numpy as np
+
+    out = model.predict({"images": np.zeros((2, 64, 64, 3), np.uint8)})
+    assert out["probs"].shape[0] == 2
+    # The ledger carries every stage and knows the version it paid for.
+    r = CliRunner().invoke(app, ["cost", "--version", first])
+    assert r.exit_code == 0 and "pilot" in r.output and "sweep" in r.output
+
+    runner = CliRunner()
+    cfg = ["--config", str(config)]
+    # Two-person rule: the registrant cannot approve her own model.
+    r = runner.invoke(app, ["approve", first, "--by", "dana", "--reason", "mine", *cfg])
+    assert r.exit_code == 2 and "two-person" in r.output
+    # A role outside the approval policy is refused.
+    r = runner.invoke(app, ["approve", first, "--by", "lee", "--role", "line",
+                            "--reason", "x", *cfg])
+    assert r.exit_code == 2 and "may not approve" in r.output
+    r = runner.invoke(app, ["approve", first, "--by", "omar", "--role", "operator",
+                            "--reason", "pilot KPIs met", *cfg])
+    assert r.exit_code == 0, r.output
+    assert str(client.get_model_version_by_alias("qc-test", ALIAS_CHAMPION).version) == first
+
+    # A second candidate (same model file, re-registered) to approve, then roll back.
+    from flows.registry import register_candidate
+
+    onnx_file = Path(summary["pilot_dir"]) / "model.onnx"
+    with mlflow.start_run(experiment_id=client.get_experiment_by_name("kensa").experiment_id):
+        v2 = register_candidate(onnx_file, "qc-test", registered_by="dana", source="test",
+                                kpi={}, cost={}, parity={}, settings=env)
+        v3 = register_candidate(onnx_file, "qc-test", registered_by="dana", source="test",
+                                kpi={}, cost={}, parity={}, settings=env)
+    assert runner.invoke(app, ["approve", v2.version, "--by", "omar", "--reason", "better",
+                               *cfg]).exit_code == 0
+    r = runner.invoke(app, ["reject", v3.version, "--by", "omar", "--reason", "worse", *cfg])
+    assert r.exit_code == 0
+    assert client.get_model_version("qc-test", v3.version).tags[TAG_STATUS] == "rejected"
+    r = runner.invoke(app, ["approve", v3.version, "--by", "omar", "--reason", "try", *cfg])
+    assert r.exit_code == 2 and "rejected" in r.output
+    r = runner.invoke(app, ["rollback", "--by", "omar", "--reason", "line complaints", *cfg])
+    assert r.exit_code == 0, r.output
+    assert str(client.get_model_version_by_alias("qc-test", ALIAS_CHAMPION).version) == first
+
+    with open_store(env)() as session:
+        events = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
+        assert verify_chain(session) == []
+    actions = [(e.action, e.actor, e.subject.rsplit("/", 1)[-1]) for e in events]
+    assert ("model.approve", "omar", first) in actions
+    assert ("model.reject", "omar", v3.version) in actions
+    assert ("model.rollback", "omar", first) in actions
+    assert not any(a == "model.approve" and who == "dana" for a, who, _ in actions)
+
+
+def test_ddp_with_two_processes_on_cpu(tiny_line: Path, tmp_path: Path) -> None:
+    """torchrun + gloo, two ranks: rank 0 alone writes, quality matches one process."""
+    from flows.distributed import torchrun_command
+    from models.train import TrainConfig, train
+
+    cfg = TrainConfig(model="mobilenet_v3_small", epochs=2, seed=0, fraction=1.0)
+    out = tmp_path / "ddp"
+    proc = subprocess.run(torchrun_command(tiny_line, cfg, out, 2), capture_output=True,
+                          text=True, check=False, env={**__import__("os").environ,
+                                                       "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("checkpoint:") == 1  # one report, from rank 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "train.json"]
+    ddp = json.loads((out / "train.json").read_text())
+    single = train(tiny_line, cfg, tmp_path / "single", show_progress=False)
+    assert abs(ddp["calibration_accuracy"] - single.calibration_accuracy) <= 0.15
+    assert ddp["train_images"] == single.train_images
+    assert sys.executable  # the same interpreter ran both
