@@ -23,11 +23,27 @@ def wait_for_approval(
     name: str, version: str, policy: Approval, settings: Settings, timeout_s: int = 24 * 3600
 ) -> dict[str, str]:
     """Pause this flow run until a person answers; apply the answer under the approval policy."""
-    answer = pause_flow_run(wait_for_input=ApprovalInput, timeout=timeout_s, key=f"approve-{version}")
+    answer = pause_flow_run(
+        wait_for_input=ApprovalInput, timeout=timeout_s, key=f"approve-{version}"
+    )
     if answer.approve:
-        approve(name, version, by=answer.by, role=answer.role, reason=answer.reason,
-                policy=policy, settings=settings)
+        approve(
+            name,
+            version,
+            by=answer.by,
+            role=answer.role,
+            reason=answer.reason,
+            policy=policy,
+            settings=settings,
+        )
         return {"decision": "approved", "by": answer.by}
-    reject(name, version, by=answer.by, role=answer.role, reason=answer.reason, policy=policy,
-           settings=settings)
+    reject(
+        name,
+        version,
+        by=answer.by,
+        role=answer.role,
+        reason=answer.reason,
+        policy=policy,
+        settings=settings,
+    )
     return {"decision": "rejected", "by": answer.by}

@@ -35,8 +35,11 @@ class FlowContext:
     @property
     def policy(self) -> BandPolicy:
         k = self.config.kpi
-        return BandPolicy(alpha=k.max_escape_rate, delta=1 - k.confidence,
-                          max_false_reject=k.max_false_reject_rate)
+        return BandPolicy(
+            alpha=k.max_escape_rate,
+            delta=1 - k.confidence,
+            max_false_reject=k.max_false_reject_rate,
+        )
 
 
 def flow_context(config_path: str | None) -> FlowContext:
@@ -49,33 +52,69 @@ def flow_context(config_path: str | None) -> FlowContext:
 
 @task(name="train-evaluate-export", cache_policy=NO_CACHE)
 def stage_task(
-    data_root: Path, out_dir: Path, train_config: TrainConfig, policy: BandPolicy,
-    reference: Path | None, serving_batch: int, max_robustness_images: int, nproc: int = 1,
+    data_root: Path,
+    out_dir: Path,
+    train_config: TrainConfig,
+    policy: BandPolicy,
+    reference: Path | None,
+    serving_batch: int,
+    max_robustness_images: int,
+    nproc: int = 1,
 ) -> StageOutcome:
     """One stage (train → evaluate with corruptions → export with parity → latency)."""
-    return run_stage(data_root, out_dir, train_config, policy, reference, serving_batch,
-                     max_robustness_images, show_progress=True, nproc=nproc)
+    return run_stage(
+        data_root,
+        out_dir,
+        train_config,
+        policy,
+        reference,
+        serving_batch,
+        max_robustness_images,
+        show_progress=True,
+        nproc=nproc,
+    )
 
 
 def log_outcome(client: MlflowClient, run_id: str, outcome: StageOutcome) -> None:
     """Params, metrics and artifacts of a stage, on an explicit run (thread-safe)."""
     cfg = outcome.train
     for key, value in {
-        "model": outcome.model, "fraction": outcome.fraction, "parameters": outcome.parameters,
-        "train_images": outcome.train_images, "epochs_run": cfg["epochs_run"],
+        "model": outcome.model,
+        "fraction": outcome.fraction,
+        "parameters": outcome.parameters,
+        "train_images": outcome.train_images,
+        "epochs_run": cfg["epochs_run"],
     }.items():
         client.log_param(run_id, key, value)
-    metrics = flat_metrics("", {
-        "test": {k: outcome.metrics[k] for k in ("escape_rate", "false_reject_rate",
-                                                 "automation_rate", "accuracy", "error")},
-        "robustness": {k: outcome.metrics["robustness"][k] for k in
-                       ("corrupted_error", "corrupted_escape_rate", "mean_error_gap",
-                        "mean_relative_ce") if outcome.metrics["robustness"].get(k) is not None},
-        "latency_ms_per_image": outcome.latency_ms_per_image,
-        "train_seconds": cfg["train_seconds"],
-        "train_images_per_second": cfg["images_per_second"],
-        "parity_max_abs_diff": outcome.parity["max_abs_prob_diff"],
-    })
+    metrics = flat_metrics(
+        "",
+        {
+            "test": {
+                k: outcome.metrics[k]
+                for k in (
+                    "escape_rate",
+                    "false_reject_rate",
+                    "automation_rate",
+                    "accuracy",
+                    "error",
+                )
+            },
+            "robustness": {
+                k: outcome.metrics["robustness"][k]
+                for k in (
+                    "corrupted_error",
+                    "corrupted_escape_rate",
+                    "mean_error_gap",
+                    "mean_relative_ce",
+                )
+                if outcome.metrics["robustness"].get(k) is not None
+            },
+            "latency_ms_per_image": outcome.latency_ms_per_image,
+            "train_seconds": cfg["train_seconds"],
+            "train_images_per_second": cfg["images_per_second"],
+            "parity_max_abs_diff": outcome.parity["max_abs_prob_diff"],
+        },
+    )
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     client.log_dict(run_id, outcome.metrics, "metrics.json")
@@ -93,8 +132,9 @@ def record_stage_cost(
 ) -> LedgerLine:
     t = ctx.config.targets[target]
     hours = device_hours(seconds, t)
-    line = LedgerLine(run_id, stage, target, None, hours, hours * t.cost_per_hour,
-                      ctx.config.currency)
+    line = LedgerLine(
+        run_id, stage, target, None, hours, hours * t.cost_per_hour, ctx.config.currency
+    )
     record_cost(ctx.settings, line, ctx.client)
     return line
 

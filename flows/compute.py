@@ -62,8 +62,10 @@ def check_budget(estimates: list[Estimate], budget: float, currency: str) -> Non
     total = sum(e.cost for e in estimates)
     if total > budget:
         detail = "\n".join("  " + e.explain(currency) for e in estimates)
-        msg = (f"estimated cost {total:.2f} {currency} exceeds the budget of {budget:.2f} "
-               f"{currency}; nothing was started.\n{detail}")
+        msg = (
+            f"estimated cost {total:.2f} {currency} exceeds the budget of {budget:.2f} "
+            f"{currency}; nothing was started.\n{detail}"
+        )
         raise BudgetExceededError(msg)
 
 

@@ -119,9 +119,11 @@ class ProjectConfig(_Strict):
         if not self.classes or self.classes[0] != "ok" or len(self.classes) < 2:
             msg = f"classes must start with 'ok' and name at least one defect; got {self.classes}"
             raise ValueError(msg)
-        for where, name in (("pilot.target", self.pilot.target),
-                            ("sweep.target", self.sweep.target),
-                            ("sweep.burst_target", self.sweep.burst_target)):
+        for where, name in (
+            ("pilot.target", self.pilot.target),
+            ("sweep.target", self.sweep.target),
+            ("sweep.burst_target", self.sweep.burst_target),
+        ):
             if name is not None and name not in self.targets:
                 msg = f"{where} = {name!r} is not a compute target; known: {sorted(self.targets)}"
                 raise ValueError(msg)

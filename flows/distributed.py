@@ -20,9 +20,18 @@ def processes_for(target: ComputeTarget) -> int:
 def torchrun_command(data_root: Path, config: TrainConfig, out_dir: Path, nproc: int) -> list[str]:
     """The exact command a work pool's job runs: ``torchrun`` over ``kensa train``."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", "-m", "kensa.cli.main", "train",
-        "--data", str(data_root), "--out", str(out_dir),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "kensa.cli.main",
+        "train",
+        "--data",
+        str(data_root),
+        "--out",
+        str(out_dir),
     ]
     values = asdict(config)
     for key in ("model", "epochs", "fraction", "seed", "device", "batch_size", "lr"):
@@ -39,8 +48,13 @@ def train_distributed(data_root: Path, config: TrainConfig, out_dir: Path, nproc
     env = dict(os.environ)
     # Each rank gets its share of the cores; oversubscribing a CPU host slows every rank.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    proc = subprocess.run(torchrun_command(data_root, config, out_dir, nproc), env=env,
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        torchrun_command(data_root, config, out_dir, nproc),
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout)[-3000:]
         msg = f"distributed training failed (exit {proc.returncode}):\n{tail}"

@@ -36,8 +36,12 @@ class GateResult:
         return "KPI gate failed: " + "; ".join(self.gaps)
 
     def markdown(self, title: str) -> str:
-        lines = [f"## {title}: {'PASSED' if self.passed else 'FAILED'}", "",
-                 "| KPI | target | achieved | |", "|---|---|---|---|"]
+        lines = [
+            f"## {title}: {'PASSED' if self.passed else 'FAILED'}",
+            "",
+            "| KPI | target | achieved | |",
+            "|---|---|---|---|",
+        ]
         for r in self.rows:
             lines.append(f"| {r.kpi} | {r.target} | {r.achieved} | {'✅' if r.passed else '❌'} |")
         if not self.passed:
@@ -50,8 +54,11 @@ class GateResult:
 
 def corrupted_escape(robustness: dict[str, Any], max_severity: int) -> float:
     """Mean escape rate over the corruption suite at severities up to ``max_severity``."""
-    values = [sev[str(s)]["escape_rate"] for sev in robustness["per_corruption"].values()
-              for s in range(1, max_severity + 1)]
+    values = [
+        sev[str(s)]["escape_rate"]
+        for sev in robustness["per_corruption"].values()
+        for s in range(1, max_severity + 1)
+    ]
     return sum(values) / len(values)
 
 
@@ -62,27 +69,44 @@ def evaluate_gate(metrics: dict[str, Any], kpi: KPI, check_relative_ce: bool = F
     def row(name: str, achieved: float, target: float, at_most: bool, fmt: str = ".2%") -> None:
         ok = achieved <= target if at_most else achieved >= target
         sign = "≤" if at_most else "≥"
-        gap = "" if ok else (
-            f"{name} {achieved:{fmt}} vs target {sign} {target:{fmt}} "
-            f"(off by {abs(achieved - target):{fmt}})"
+        gap = (
+            ""
+            if ok
+            else (
+                f"{name} {achieved:{fmt}} vs target {sign} {target:{fmt}} "
+                f"(off by {abs(achieved - target):{fmt}})"
+            )
         )
         rows.append(GateRow(name, f"{sign} {target:{fmt}}", f"{achieved:{fmt}}", ok, gap))
 
     band = metrics["band"]
     guaranteed = bool(band.get("guaranteed"))
-    rows.append(GateRow(
-        "escape guarantee", f"≤ {kpi.max_escape_rate:.2%} at {kpi.confidence:.0%} confidence",
-        "certified" if guaranteed else "not certified", guaranteed,
-        "" if guaranteed else f"review band not certified: {band.get('message', '')}",
-    ))
+    rows.append(
+        GateRow(
+            "escape guarantee",
+            f"≤ {kpi.max_escape_rate:.2%} at {kpi.confidence:.0%} confidence",
+            "certified" if guaranteed else "not certified",
+            guaranteed,
+            "" if guaranteed else f"review band not certified: {band.get('message', '')}",
+        )
+    )
     row("escape rate", metrics["escape_rate"], kpi.max_escape_rate, True)
     row("false reject rate", metrics["false_reject_rate"], kpi.max_false_reject_rate, True)
     row("automation rate", metrics["automation_rate"], kpi.min_automation_rate, False, ".1%")
     rob = metrics.get("robustness")
     if rob:
-        row(f"corrupted escape rate (severity ≤ {kpi.corruption_severity})",
-            corrupted_escape(rob, kpi.corruption_severity), kpi.max_corrupted_escape_rate, True)
+        row(
+            f"corrupted escape rate (severity ≤ {kpi.corruption_severity})",
+            corrupted_escape(rob, kpi.corruption_severity),
+            kpi.max_corrupted_escape_rate,
+            True,
+        )
         if check_relative_ce and rob.get("mean_relative_ce") is not None:
-            row("relative corruption error", rob["mean_relative_ce"], kpi.max_relative_ce, True,
-                ".2f")
+            row(
+                "relative corruption error",
+                rob["mean_relative_ce"],
+                kpi.max_relative_ce,
+                True,
+                ".2f",
+            )
     return GateResult(all(r.passed for r in rows), rows)

@@ -29,11 +29,17 @@ def record_cost(settings: Settings, line: LedgerLine, client: MlflowClient | Non
     """Write one ledger line to the store and, when a client is given, to the MLflow run."""
     factory = open_store(settings)
     with factory() as session:
-        session.add(CostEntry(
-            run_id=line.run_id, stage=line.stage, target=line.target,
-            model_version=line.model_version, device_hours=line.device_hours, cost=line.cost,
-            currency=line.currency,
-        ))
+        session.add(
+            CostEntry(
+                run_id=line.run_id,
+                stage=line.stage,
+                target=line.target,
+                model_version=line.model_version,
+                device_hours=line.device_hours,
+                cost=line.cost,
+                currency=line.currency,
+            )
+        )
         session.commit()
     if client is not None:
         client.log_metric(line.run_id, "cost.device_hours", line.device_hours)
@@ -58,7 +64,15 @@ def read_ledger(settings: Settings, model_version: str | None = None) -> list[Le
         if model_version is not None:
             query = query.where(CostEntry.model_version == model_version)
         return [
-            LedgerLine(e.run_id, e.stage, e.target, e.model_version, e.device_hours, e.cost,
-                       e.currency, e.created_at)
+            LedgerLine(
+                e.run_id,
+                e.stage,
+                e.target,
+                e.model_version,
+                e.device_hours,
+                e.cost,
+                e.currency,
+                e.created_at,
+            )
             for e in session.scalars(query)
         ]

@@ -29,8 +29,9 @@ def estimate_pilot(ctx: FlowContext, data_root: Path) -> dict[str, Any]:
     ds = load_dataset(data_root)
     p = ctx.config.pilot
     size = dataset_image_size(ds)
-    rate = measure_train_throughput(p.model, size, len(ds.classes),
-                                    ctx.config.targets[p.target].device)
+    rate = measure_train_throughput(
+        p.model, size, len(ds.classes), ctx.config.targets[p.target].device
+    )
     images = round(len(ds.split("train")) * p.fraction) * p.epochs
     est = estimate_training("pilot", p.target, ctx.config, images, rate, p.budget)
     check_budget([est], p.budget, ctx.config.currency)
@@ -59,30 +60,62 @@ def pilot(
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name="pilot") as run:
         run_id = run.info.run_id
         root = Path(out_dir) if out_dir else ctx.settings.data_dir / "runs" / run_id
-        mlflow.set_tags({"kensa.stage": "pilot", "kensa.target": p.target,
-                         "kensa.dataset_version": ds.version})
-        mlflow.log_params({"pilot.model": p.model, "pilot.fraction": p.fraction,
-                           "pilot.epochs": p.epochs, "pilot.budget": p.budget, "seed": seed})
+        mlflow.set_tags(
+            {"kensa.stage": "pilot", "kensa.target": p.target, "kensa.dataset_version": ds.version}
+        )
+        mlflow.log_params(
+            {
+                "pilot.model": p.model,
+                "pilot.fraction": p.fraction,
+                "pilot.epochs": p.epochs,
+                "pilot.budget": p.budget,
+                "seed": seed,
+            }
+        )
         log_dataset_input(data_root, ds.version, name=f"line-{ds.short_version}")
-        train_config = TrainConfig(model=p.model, epochs=p.epochs, fraction=p.fraction, seed=seed,
-                                   device=ctx.config.targets[p.target].device,
-                                   max_minutes=p.max_minutes)
-        outcome = stage_task(data_root, root / "pilot", train_config, ctx.policy, None,
-                             ctx.config.serving.batch_size, ctx.config.sweep.max_robustness_images,
-                             processes_for(ctx.config.targets[p.target]))
+        train_config = TrainConfig(
+            model=p.model,
+            epochs=p.epochs,
+            fraction=p.fraction,
+            seed=seed,
+            device=ctx.config.targets[p.target].device,
+            max_minutes=p.max_minutes,
+        )
+        outcome = stage_task(
+            data_root,
+            root / "pilot",
+            train_config,
+            ctx.policy,
+            None,
+            ctx.config.serving.batch_size,
+            ctx.config.sweep.max_robustness_images,
+            processes_for(ctx.config.targets[p.target]),
+        )
         log_outcome(ctx.client, run_id, outcome)
         cost = record_stage_cost(ctx, run_id, "pilot", p.target, outcome.seconds)
         gate = evaluate_gate(outcome.metrics, ctx.config.kpi)
-        mlflow.set_tags({"kensa.gate": "passed" if gate.passed else "failed",
-                         "kensa.gate.message": gate.message()[:5000]})
+        mlflow.set_tags(
+            {
+                "kensa.gate": "passed" if gate.passed else "failed",
+                "kensa.gate.message": gate.message()[:5000],
+            }
+        )
         mlflow.log_dict(gate.to_dict(), "kpi_gate.json")
-        create_markdown_artifact(gate.markdown("Pilot KPI gate"), key="pilot-kpi-gate",
-                                 description=f"pilot {p.model} on {p.fraction:.0%} of the data")
+        create_markdown_artifact(
+            gate.markdown("Pilot KPI gate"),
+            key="pilot-kpi-gate",
+            description=f"pilot {p.model} on {p.fraction:.0%} of the data",
+        )
         summary: dict[str, Any] = {
-            "pilot_run_id": run_id, "pilot_dir": str(outcome.run_dir), "gate": gate.to_dict(),
-            "pilot_cost": cost.cost, "currency": ctx.config.currency,
-            "pilot_metrics": {k: outcome.metrics[k] for k in
-                              ("escape_rate", "false_reject_rate", "automation_rate")},
+            "pilot_run_id": run_id,
+            "pilot_dir": str(outcome.run_dir),
+            "gate": gate.to_dict(),
+            "pilot_cost": cost.cost,
+            "currency": ctx.config.currency,
+            "pilot_metrics": {
+                k: outcome.metrics[k]
+                for k in ("escape_rate", "false_reject_rate", "automation_rate")
+            },
         }
         if not gate.passed:
             logger.error(gate.message())
@@ -95,14 +128,21 @@ def pilot(
         from flows.sweep import sweep
 
         summary["sweep"] = sweep(
-            data=str(data_root), config_path=config_path, reference_dir=str(outcome.run_dir),
-            out_dir=str(root / "sweep"), seed=seed, parent_run_id=run_id,
+            data=str(data_root),
+            config_path=config_path,
+            reference_dir=str(outcome.run_dir),
+            out_dir=str(root / "sweep"),
+            seed=seed,
+            parent_run_id=run_id,
             registered_by=registered_by,
         )
         if wait_for_approval:
             from flows.approval import wait_for_approval as wait
 
-            summary["approval"] = wait(summary["sweep"]["model_name"],
-                                       summary["sweep"]["model_version"], ctx.config.approval,
-                                       ctx.settings)
+            summary["approval"] = wait(
+                summary["sweep"]["model_name"],
+                summary["sweep"]["model_version"],
+                ctx.config.approval,
+                ctx.settings,
+            )
     return summary

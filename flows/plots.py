@@ -22,9 +22,15 @@ def _curve(ax: Any, fit: dict[str, Any], xs: list[float], colour: str, label: st
     law = PowerLaw(**fit)
     grid = np.geomspace(min(xs), max(xs), 50)
     style = "-" if law.fitted else ":"
-    ax.plot(grid, law(grid), style, color=colour, lw=1,
-            label=f"{label}: {law.a:.3g}·x^-{law.b:.2f} + {law.c:.3f}"
-            + ("" if law.fitted else " (too few points)"))
+    ax.plot(
+        grid,
+        law(grid),
+        style,
+        color=colour,
+        lw=1,
+        label=f"{label}: {law.a:.3g}·x^-{law.b:.2f} + {law.c:.3f}"
+        + ("" if law.fitted else " (too few points)"),
+    )
 
 
 def plot_scaling(trials: list[Trial], fits: dict[str, Any], path: Path) -> Path:
@@ -35,8 +41,13 @@ def plot_scaling(trials: list[Trial], fits: dict[str, Any], path: Path) -> Path:
     ax1.scatter(xs, [t.clean_error for t in sized], color="C0", label="clean")
     ax1.scatter(xs, [t.corrupted_error for t in sized], color="C3", marker="s", label="corrupted")
     for t in sized:
-        ax1.annotate(t.model, (t.parameters, t.clean_error), fontsize=7, xytext=(3, 3),
-                     textcoords="offset points")
+        ax1.annotate(
+            t.model,
+            (t.parameters, t.clean_error),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     _curve(ax1, fits["error_vs_parameters"]["clean"], xs, "C0", "clean")
     _curve(ax1, fits["error_vs_parameters"]["corrupted"], xs, "C3", "corrupted")
     ax1.set_xscale("log")
@@ -68,11 +79,23 @@ def plot_cost_frontier(trials: list[Trial], chosen: Trial | None, path: Path) ->
     for t in trials:
         colour = "green" if t.meets_kpi else "grey"
         ax.scatter(t.tco, t.corrupted_escape_rate, color=colour, s=40 + t.parameters / 3e5)
-        ax.annotate(t.key, (t.tco, t.corrupted_escape_rate), fontsize=7, xytext=(4, 2),
-                    textcoords="offset points")
+        ax.annotate(
+            t.key,
+            (t.tco, t.corrupted_escape_rate),
+            fontsize=7,
+            xytext=(4, 2),
+            textcoords="offset points",
+        )
     if chosen is not None:
-        ax.scatter([chosen.tco], [chosen.corrupted_escape_rate], facecolors="none",
-                   edgecolors="red", s=260, lw=2, label=f"chosen: {chosen.key}")
+        ax.scatter(
+            [chosen.tco],
+            [chosen.corrupted_escape_rate],
+            facecolors="none",
+            edgecolors="red",
+            s=260,
+            lw=2,
+            label=f"chosen: {chosen.key}",
+        )
         ax.legend(fontsize=8)
     ax.set_xlabel("TCO: training + serving over the planned life")
     ax.set_ylabel("escape rate on corrupted parts")

@@ -67,8 +67,11 @@ def register_candidate(
     """
     meta = read_metadata(onnx_path)
     info = mlflow.onnx.log_model(
-        onnx.load(str(onnx_path)), name=MODEL_ARTIFACT, registered_model_name=name,
-        save_as_external_data=False, onnx_execution_providers=working_providers(),
+        onnx.load(str(onnx_path)),
+        name=MODEL_ARTIFACT,
+        registered_model_name=name,
+        save_as_external_data=False,
+        onnx_execution_providers=working_providers(),
     )
     version = str(info.registered_model_version)
     client = MlflowClient()
@@ -90,17 +93,25 @@ def register_candidate(
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, ALIAS_CANDIDATE, version)
-    _audit(settings, registered_by, "model.register", name, version,
-           {"sha256": digest, "source": source, "kpi": kpi})
+    _audit(
+        settings,
+        registered_by,
+        "model.register",
+        name,
+        version,
+        {"sha256": digest, "source": source, "kpi": kpi},
+    )
     return Registered(name, version, digest)
 
 
-def _audit(settings: Settings, actor: str, action: str, name: str, version: str,
-           details: dict[str, Any]) -> None:
+def _audit(
+    settings: Settings, actor: str, action: str, name: str, version: str, details: dict[str, Any]
+) -> None:
     factory = open_store(settings)
     with factory() as session:
-        append_event(session, actor=actor, action=action, subject=f"model:{name}/{version}",
-                     details=details)
+        append_event(
+            session, actor=actor, action=action, subject=f"model:{name}/{version}", details=details
+        )
         session.commit()
 
 
@@ -112,7 +123,13 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
 
 
 def approve(
-    name: str, version: str, *, by: str, role: str, reason: str, policy: Approval,
+    name: str,
+    version: str,
+    *,
+    by: str,
+    role: str,
+    reason: str,
+    policy: Approval,
     settings: Settings,
 ) -> str | None:
     """Make ``version`` the champion; returns the previous champion's version (or None).
@@ -127,8 +144,10 @@ def approve(
         raise ApprovalError(msg)
     registrant = mv.tags.get(TAG_REGISTERED_BY, "")
     if policy.two_person and registrant and registrant == by:
-        msg = (f"two-person approval: {by} registered {name}/{version} and cannot approve it; "
-               "another person must")
+        msg = (
+            f"two-person approval: {by} registered {name}/{version} and cannot approve it; "
+            "another person must"
+        )
         raise ApprovalError(msg)
     if mv.tags.get(TAG_STATUS) == "rejected":
         msg = f"{name}/{version} was rejected; register a new candidate instead"
@@ -144,14 +163,32 @@ def approve(
         client.set_model_version_tag(name, previous, TAG_STATUS, "retired")
     if _alias_version(client, name, ALIAS_CANDIDATE) == version:
         client.delete_registered_model_alias(name, ALIAS_CANDIDATE)
-    _audit(settings, by, "model.approve", name, version,
-           {"reason": reason, "role": role, "previous_champion": previous,
-            "sha256": mv.tags.get(TAG_SHA256)})
+    _audit(
+        settings,
+        by,
+        "model.approve",
+        name,
+        version,
+        {
+            "reason": reason,
+            "role": role,
+            "previous_champion": previous,
+            "sha256": mv.tags.get(TAG_SHA256),
+        },
+    )
     return previous
 
 
-def reject(name: str, version: str, *, by: str, role: str, reason: str, policy: Approval,
-           settings: Settings) -> None:
+def reject(
+    name: str,
+    version: str,
+    *,
+    by: str,
+    role: str,
+    reason: str,
+    policy: Approval,
+    settings: Settings,
+) -> None:
     """Mark a candidate rejected (it keeps its history; it never gets an alias again)."""
     client = MlflowClient()
     if role not in policy.approver_roles:
@@ -167,8 +204,9 @@ def reject(name: str, version: str, *, by: str, role: str, reason: str, policy: 
     _audit(settings, by, "model.reject", name, version, {"reason": reason, "role": role})
 
 
-def rollback(name: str, *, by: str, role: str, reason: str, policy: Approval,
-             settings: Settings) -> tuple[str, str]:
+def rollback(
+    name: str, *, by: str, role: str, reason: str, policy: Approval, settings: Settings
+) -> tuple[str, str]:
     """Point ``champion`` back at the version it replaced; returns (from, to)."""
     client = MlflowClient()
     if role not in policy.approver_roles:
@@ -185,6 +223,12 @@ def rollback(name: str, *, by: str, role: str, reason: str, policy: Approval,
     client.set_registered_model_alias(name, ALIAS_CHAMPION, previous)
     client.set_model_version_tag(name, previous, TAG_STATUS, "approved")
     client.set_model_version_tag(name, current, TAG_STATUS, "retired")
-    _audit(settings, by, "model.rollback", name, previous,
-           {"reason": reason, "role": role, "from_version": current})
+    _audit(
+        settings,
+        by,
+        "model.rollback",
+        name,
+        previous,
+        {"reason": reason, "role": role, "from_version": current},
+    )
     return current, previous

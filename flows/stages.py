@@ -86,8 +86,13 @@ def run_stage(
     else:
         result = train(data_root, config, out_dir, show_progress=show_progress)
     metrics = evaluate_run(
-        out_dir, data_root, corruptions=True, policy=policy, reference=reference,
-        max_robustness_images=max_robustness_images, show_progress=show_progress,
+        out_dir,
+        data_root,
+        corruptions=True,
+        policy=policy,
+        reference=reference,
+        max_robustness_images=max_robustness_images,
+        show_progress=show_progress,
     )
     exported = export_run(out_dir, out_dir / "model.onnx")
     latency = measure_latency(exported.path, int(exported.metadata["input_size"]), serving_batch)

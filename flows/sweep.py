@@ -51,8 +51,9 @@ def estimate_sweep(ctx: FlowContext, data_root: Path) -> list[Estimate]:
     rates = {m: measure_train_throughput(m, size, len(ds.classes)) for m in s.models}
     n_train = len(ds.split("train"))
     estimates = [
-        estimate_training(f"sweep:{m}@{f}", t, ctx.config, round(n_train * f) * s.epochs,
-                          rates[m], s.budget)
+        estimate_training(
+            f"sweep:{m}@{f}", t, ctx.config, round(n_train * f) * s.epochs, rates[m], s.budget
+        )
         for (m, f), t in zip(grid, targets, strict=True)
     ]
     check_budget(estimates, s.budget, ctx.config.currency)
@@ -64,20 +65,24 @@ def _fits(trials: list[Trial]) -> dict[str, Any]:
     by_size = sorted((t for t in trials if t.fraction == top), key=lambda t: t.parameters)
     fits: dict[str, Any] = {
         "error_vs_parameters": {
-            "clean": fit_power_law([t.parameters for t in by_size],
-                                   [t.clean_error for t in by_size]).to_dict(),
-            "corrupted": fit_power_law([t.parameters for t in by_size],
-                                       [t.corrupted_error for t in by_size]).to_dict(),
+            "clean": fit_power_law(
+                [t.parameters for t in by_size], [t.clean_error for t in by_size]
+            ).to_dict(),
+            "corrupted": fit_power_law(
+                [t.parameters for t in by_size], [t.corrupted_error for t in by_size]
+            ).to_dict(),
         },
         "error_vs_data": {},
     }
     for model in sorted({t.model for t in trials}):
         pts = sorted((t for t in trials if t.model == model), key=lambda t: t.train_images)
         fits["error_vs_data"][model] = {
-            "clean": fit_power_law([t.train_images for t in pts],
-                                   [t.clean_error for t in pts]).to_dict(),
-            "corrupted": fit_power_law([t.train_images for t in pts],
-                                       [t.corrupted_error for t in pts]).to_dict(),
+            "clean": fit_power_law(
+                [t.train_images for t in pts], [t.clean_error for t in pts]
+            ).to_dict(),
+            "corrupted": fit_power_law(
+                [t.train_images for t in pts], [t.corrupted_error for t in pts]
+            ).to_dict(),
         }
     er = effective_robustness([t.clean_error for t in trials], [t.corrupted_error for t in trials])
     fits["effective_robustness"] = {**er, "trials": [t.key for t in trials]}
@@ -85,19 +90,22 @@ def _fits(trials: list[Trial]) -> dict[str, Any]:
 
 
 def _table(trials: list[Trial], chosen: Trial | None, currency: str) -> str:
-    lines = ["| trial | target | params | clean err | corrupted err | corrupted escape | "
-             f"train cost ({currency}) | serve /M parts | TCO | KPI |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| trial | target | params | clean err | corrupted err | corrupted escape | "
+        f"train cost ({currency}) | serve /M parts | TCO | KPI |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for t in trials:
         mark = " **chosen**" if chosen and t.key == chosen.key else ""
         lines.append(
             f"| {t.key}{mark} | {t.target} | {t.parameters / 1e6:.1f}M | {t.clean_error:.3f} | "
             f"{t.corrupted_error:.3f} | {t.corrupted_escape_rate:.2%} | {t.training_cost:.3f} | "
-            f"{t.serving_cost_per_million:.3f} | {t.tco:.2f} | {'✅' if t.meets_kpi else '❌'} |")
+            f"{t.serving_cost_per_million:.3f} | {t.tco:.2f} | {'✅' if t.meets_kpi else '❌'} |"
+        )
     return "\n".join(lines)
 
 
-@flow(name="sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))  # type: ignore[arg-type]
 def sweep(
     data: str,
     config_path: str | None = None,
@@ -115,8 +123,13 @@ def sweep(
     data_root = Path(data).resolve()
     ds = load_dataset(data_root)
     estimates = estimate_sweep(ctx, data_root)
-    logger.info("sweep estimate: %.2f %s for %d trials (budget %.2f)",
-                sum(e.cost for e in estimates), ctx.config.currency, len(estimates), s.budget)
+    logger.info(
+        "sweep estimate: %.2f %s for %d trials (budget %.2f)",
+        sum(e.cost for e in estimates),
+        ctx.config.currency,
+        len(estimates),
+        s.budget,
+    )
     tags = {"kensa.stage": "sweep", "kensa.dataset_version": ds.version}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -124,26 +137,46 @@ def sweep(
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name="sweep", tags=tags) as run:
         sweep_run = run.info.run_id
         root = Path(out_dir) if out_dir else ctx.settings.data_dir / "runs" / sweep_run
-        mlflow.log_params({"sweep.models": ",".join(s.models),
-                           "sweep.fractions": ",".join(map(str, s.fractions)),
-                           "sweep.epochs": s.epochs, "sweep.budget": s.budget})
+        mlflow.log_params(
+            {
+                "sweep.models": ",".join(s.models),
+                "sweep.fractions": ",".join(map(str, s.fractions)),
+                "sweep.epochs": s.epochs,
+                "sweep.budget": s.budget,
+            }
+        )
         log_dataset_input(data_root, ds.version, name=f"line-{ds.short_version}")
         grid = [(m, f) for m in s.models for f in s.fractions]
         runs, futures = {}, {}
         for (model, fraction), est in zip(grid, estimates, strict=True):
             key = f"{model}@{fraction:g}"
             child = ctx.client.create_run(
-                ctx.experiment_id, run_name=key,
-                tags={"mlflow.parentRunId": sweep_run, "kensa.stage": "sweep-trial",
-                      "kensa.target": est.target},
+                ctx.experiment_id,
+                run_name=key,
+                tags={
+                    "mlflow.parentRunId": sweep_run,
+                    "kensa.stage": "sweep-trial",
+                    "kensa.target": est.target,
+                },
             )
             runs[key] = (child.info.run_id, est.target)
-            cfg = TrainConfig(model=model, epochs=s.epochs, fraction=fraction, seed=seed,
-                              device=ctx.config.targets[est.target].device)
+            cfg = TrainConfig(
+                model=model,
+                epochs=s.epochs,
+                fraction=fraction,
+                seed=seed,
+                device=ctx.config.targets[est.target].device,
+            )
             futures[key] = stage_task.submit(
-                data_root, root / key.replace("@", "_f"), cfg, ctx.policy, reference,
-                ctx.config.serving.batch_size, s.max_robustness_images,
-                processes_for(ctx.config.targets[est.target]))
+                data_root,
+                root / key.replace("@", "_f"),
+                cfg,
+                ctx.policy,
+                reference,
+                ctx.config.serving.batch_size,
+                s.max_robustness_images,
+                processes_for(ctx.config.targets[est.target]),
+            )
         trials: list[Trial] = []
         for key, future in futures.items():
             outcome = future.result()
@@ -154,14 +187,23 @@ def sweep(
             serve = serving_cost_per_million(ctx, outcome.latency_ms_per_image)
             rob = outcome.metrics["robustness"]
             trial = Trial(
-                key=key, model=outcome.model, fraction=outcome.fraction,
-                parameters=outcome.parameters, train_images=outcome.train_images,
-                clean_error=outcome.metrics["error"], corrupted_error=rob["corrupted_error"],
+                key=key,
+                model=outcome.model,
+                fraction=outcome.fraction,
+                parameters=outcome.parameters,
+                train_images=outcome.train_images,
+                clean_error=outcome.metrics["error"],
+                corrupted_error=rob["corrupted_error"],
                 escape_rate=outcome.metrics["escape_rate"],
                 corrupted_escape_rate=corrupted_escape(rob, ctx.config.kpi.corruption_severity),
-                training_cost=cost.cost, serving_cost_per_million=serve,
+                training_cost=cost.cost,
+                serving_cost_per_million=serve,
                 tco=tco(cost.cost, serve, planned_parts_millions(ctx)),
-                meets_kpi=gate.passed, gaps=tuple(gate.gaps), target=target, run_id=run_id)
+                meets_kpi=gate.passed,
+                gaps=tuple(gate.gaps),
+                target=target,
+                run_id=run_id,
+            )
             ctx.client.log_metric(run_id, "cost.serving_per_million", serve)
             ctx.client.log_metric(run_id, "cost.tco", trial.tco)
             ctx.client.set_tag(run_id, "kensa.gate", "passed" if gate.passed else "failed")
@@ -169,8 +211,14 @@ def sweep(
             trials.append(trial)
         chosen = choose(trials)
         fits = _fits(trials)
-        mlflow.log_dict({"trials": [t.to_dict() for t in trials], "fits": fits,
-                         "chosen": chosen.key if chosen else None}, "sweep.json")
+        mlflow.log_dict(
+            {
+                "trials": [t.to_dict() for t in trials],
+                "fits": fits,
+                "chosen": chosen.key if chosen else None,
+            },
+            "sweep.json",
+        )
         write_json(root / "sweep.json", {"trials": [t.to_dict() for t in trials], "fits": fits})
         scaling_png = plot_scaling(trials, fits, root / "scaling_curves.png")
         frontier_png = plot_cost_frontier(trials, chosen, root / "cost_frontier.png")
@@ -179,36 +227,61 @@ def sweep(
         table = _table(trials, chosen, ctx.config.currency)
         create_markdown_artifact(
             "## Scale sweep\n\n" + table + f"\n\nScaling curves: `{scaling_png}`\n"
-            f"Cost frontier: `{frontier_png}`", key="scale-sweep",
-            description="trials, costs and the chosen configuration")
+            f"Cost frontier: `{frontier_png}`",
+            key="scale-sweep",
+            description="trials, costs and the chosen configuration",
+        )
         if chosen is None:
             best = min(trials, key=lambda t: len(t.gaps))
             mlflow.set_tag("kensa.sweep.outcome", "no trial met the KPI")
-            msg = ("no sweep trial met the KPI on corrupted data; nothing registered. Closest: "
-                   f"{best.key}: " + "; ".join(best.gaps))
+            msg = (
+                "no sweep trial met the KPI on corrupted data; nothing registered. Closest: "
+                f"{best.key}: " + "; ".join(best.gaps)
+            )
             raise GateFailedError(msg)
         mlflow.set_tags({"kensa.sweep.chosen": chosen.key, "kensa.sweep.chosen_run": chosen.run_id})
         outcome_dir = root / chosen.key.replace("@", "_f")
         registered = register_candidate(
-            outcome_dir / "model.onnx", ctx.config.name, registered_by=registered_by,
+            outcome_dir / "model.onnx",
+            ctx.config.name,
+            registered_by=registered_by,
             source=source,
-            kpi={"passed": True, "trial": chosen.key, "escape_rate": chosen.escape_rate,
-                 "corrupted_escape_rate": chosen.corrupted_escape_rate},
-            cost={"training": chosen.training_cost,
-                  "serving_per_million": chosen.serving_cost_per_million,
-                  "tco": chosen.tco, "currency": ctx.config.currency},
+            kpi={
+                "passed": True,
+                "trial": chosen.key,
+                "escape_rate": chosen.escape_rate,
+                "corrupted_escape_rate": chosen.corrupted_escape_rate,
+            },
+            cost={
+                "training": chosen.training_cost,
+                "serving_per_million": chosen.serving_cost_per_million,
+                "tco": chosen.tco,
+                "currency": ctx.config.currency,
+            },
             parity=_read_json(outcome_dir / "model.parity.json"),
             settings=ctx.settings,
         )
         mlflow.set_tag("kensa.model_version", registered.version)
     ids = [sweep_run, *(r for r, _ in runs.values())] + ([parent_run_id] if parent_run_id else [])
     attach_model_version(ctx.settings, ids, registered.version)
-    logger.info("candidate %s version %s from %s (TCO %.2f %s)", registered.name,
-                registered.version, chosen.key, chosen.tco, ctx.config.currency)
-    return {"sweep_run_id": sweep_run, "chosen": chosen.to_dict(),
-            "trials": [t.to_dict() for t in trials], "fits": fits,
-            "model_name": registered.name, "model_version": registered.version,
-            "scaling_plot": str(scaling_png), "frontier_plot": str(frontier_png)}
+    logger.info(
+        "candidate %s version %s from %s (TCO %.2f %s)",
+        registered.name,
+        registered.version,
+        chosen.key,
+        chosen.tco,
+        ctx.config.currency,
+    )
+    return {
+        "sweep_run_id": sweep_run,
+        "chosen": chosen.to_dict(),
+        "trials": [t.to_dict() for t in trials],
+        "fits": fits,
+        "model_name": registered.name,
+        "model_version": registered.version,
+        "scaling_plot": str(scaling_png),
+        "frontier_plot": str(frontier_png),
+    }
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -49,7 +49,8 @@ def log_dataset_input(root: Path, version: str, name: str, context: str = "train
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": all local files
         source = resolve_dataset_source(root.resolve().as_uri())
-    dataset = MetaDataset(source=source, name=name, digest=version[:36])
+    # MetaDataset carries a name, a source and a digest and nothing else: exactly a version.
+    dataset = MetaDataset(source=source, name=name, digest=version[:36])  # type: ignore[abstract]
     mlflow.log_input(dataset, context=context, tags={"kensa.dataset_version": version})
 
 
@@ -73,19 +74,31 @@ def _safe(name: str) -> str:
 
 def log_run_outputs(run_dir: Path, metrics: dict[str, Any]) -> None:
     """Log a trained and evaluated run: headline metrics, robustness, plots, reports."""
-    headline = {k: metrics[k] for k in ("escape_rate", "false_reject_rate", "automation_rate",
-                                        "review_rate", "accuracy", "error") if k in metrics}
+    headline = {
+        k: metrics[k]
+        for k in (
+            "escape_rate",
+            "false_reject_rate",
+            "automation_rate",
+            "review_rate",
+            "accuracy",
+            "error",
+        )
+        if k in metrics
+    }
     mlflow.log_metrics({f"test.{k}": float(v) for k, v in headline.items()})
     for cls, recall in metrics.get("per_class_recall", {}).items():
         if recall is not None:
             mlflow.log_metric(f"test.recall.{cls}", float(recall))
     rob = metrics.get("robustness")
     if rob:
-        mlflow.log_metrics({
-            "robustness.corrupted_error": rob["corrupted_error"],
-            "robustness.corrupted_escape_rate": rob["corrupted_escape_rate"],
-            "robustness.mean_error_gap": rob["mean_error_gap"],
-        })
+        mlflow.log_metrics(
+            {
+                "robustness.corrupted_error": rob["corrupted_error"],
+                "robustness.corrupted_escape_rate": rob["corrupted_escape_rate"],
+                "robustness.mean_error_gap": rob["mean_error_gap"],
+            }
+        )
         if rob.get("mean_relative_ce") is not None:
             mlflow.log_metric("robustness.mean_relative_ce", rob["mean_relative_ce"])
     band = metrics.get("band", {})

@@ -14,11 +14,11 @@ from torchvision.transforms import v2
 
 def load_image(path: Path, image_size: int) -> torch.Tensor:
     """Decode an image file to a uint8 tensor (3, S, S), resized the way serving resizes."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
+    with Image.open(path) as opened:
+        rgb = opened.convert("RGB")
+    if rgb.size != (image_size, image_size):
+        rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    arr = np.asarray(rgb, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 

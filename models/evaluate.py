@@ -97,14 +97,16 @@ def robustness_report(
         rce[name] = None
         if reference and name in reference.get("per_corruption", {}):
             ref_clean = reference["clean"]["error"]
-            ref_sum = sum(reference["per_corruption"][name][str(s)]["error"] - ref_clean
-                          for s in SEVERITIES)
+            ref_sum = sum(
+                reference["per_corruption"][name][str(s)]["error"] - ref_clean for s in SEVERITIES
+            )
             own_sum = sum(e - clean["error"] for e in errs)
             # A reference that did not degrade gives no scale; keep it null rather than divide by ~0.
             rce[name] = float(own_sum / ref_sum) if abs(ref_sum) > 1e-9 else None
     valid = [v for v in rce.values() if v is not None]
-    corrupted_escape = float(np.mean([per[n][str(s)]["escape_rate"] for n in names
-                                      for s in SEVERITIES]))
+    corrupted_escape = float(
+        np.mean([per[n][str(s)]["escape_rate"] for n in names for s in SEVERITIES])
+    )
     corrupted_error = float(np.mean([per[n][str(s)]["error"] for n in names for s in SEVERITIES]))
     return {
         "clean": clean,
@@ -191,7 +193,11 @@ def evaluate_run(
     plots = run_dir / "plots"
     plot_confusion(metrics["confusion_matrix"], classes, plots / "confusion_matrix.png")
     plot_score_histograms(
-        defect_scores(probs, classes), labels, classes, band.t_ok, band.t_defect,
+        defect_scores(probs, classes),
+        labels,
+        classes,
+        band.t_ok,
+        band.t_defect,
         plots / "score_histograms.png",
     )
     plot_escape_curve(curve, metrics, plots / "escape_vs_automation.png")
@@ -209,7 +215,12 @@ def evaluate_run(
         idx = np.random.default_rng(0).permutation(len(labels))[:max_robustness_images]
         idx.sort()
         metrics["robustness"] = robustness_report(
-            predict, test.images[idx], labels[idx], classes, band, ref_report,
+            predict,
+            test.images[idx],
+            labels[idx],
+            classes,
+            band,
+            ref_report,
             show_progress=show_progress,
         )
         plot_robustness_heatmap(metrics["robustness"], "error", plots / "robustness_error.png")

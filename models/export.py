@@ -39,7 +39,12 @@ class ParityError(RuntimeError):
 class ExportGraph(nn.Module):
     """uint8 NHWC images → (probs (B, C), features (B, K)); everything serving needs is inside."""
 
-    def __init__(self, net: nn.Module, pca_mean: torch.Tensor, pca_components: torch.Tensor) -> None:
+    pca_mean: torch.Tensor
+    pca_components: torch.Tensor
+
+    def __init__(
+        self, net: nn.Module, pca_mean: torch.Tensor, pca_components: torch.Tensor
+    ) -> None:
         super().__init__()
         self.net = net
         self.register_buffer("pca_mean", pca_mean.float())  # (D,)
@@ -79,7 +84,9 @@ class ExportResult:
 
 
 @torch.no_grad()
-def fit_pca(net: nn.Module, images: torch.Tensor, k: int = MAX_FEATURES) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_pca(
+    net: nn.Module, images: torch.Tensor, k: int = MAX_FEATURES
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PCA of training embeddings: mean (D,) and the top-k components (k, D)."""
     net.eval()
     embs = torch.cat(
@@ -150,10 +157,15 @@ def _probe_model() -> bytes:
     from onnx import TensorProto, helper
 
     node = helper.make_node("Identity", ["x"], ["y"])
-    graph = helper.make_graph([node], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]).SerializeToString()
+    graph = helper.make_graph(
+        [node],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)]
+    ).SerializeToString()
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:
@@ -163,8 +175,10 @@ def cpu_session(path: Path) -> ort.InferenceSession:
 
 
 def run_onnx(sess: ort.InferenceSession, images_nhwc: np.ndarray, batch: int = 64) -> np.ndarray:
-    outs = [sess.run(["probs"], {"images": images_nhwc[i : i + batch]})[0]
-            for i in range(0, len(images_nhwc), batch)]
+    outs = [
+        sess.run(["probs"], {"images": images_nhwc[i : i + batch]})[0]
+        for i in range(0, len(images_nhwc), batch)
+    ]
     return np.concatenate(outs).astype(np.float64)
 
 
@@ -195,10 +209,18 @@ def export_onnx_file(
     try:
         with _EXPORT_LOCK:  # the TorchScript exporter keeps global state: one export at a time
             torch.onnx.export(
-                graph, (dummy,), str(tmp), dynamo=False, opset_version=OPSET,
-                input_names=["images"], output_names=["probs", "features"],
-                dynamic_axes={"images": {0: "batch"}, "probs": {0: "batch"},
-                              "features": {0: "batch"}},
+                graph,
+                (dummy,),
+                str(tmp),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["images"],
+                output_names=["probs", "features"],
+                dynamic_axes={
+                    "images": {0: "batch"},
+                    "probs": {0: "batch"},
+                    "features": {0: "batch"},
+                },
             )
         proto = onnx.load(str(tmp))
         for key, value in metadata.items():
@@ -225,10 +247,16 @@ def check_parity(
 ) -> dict[str, Any]:
     """Compare ONNX Runtime (CPU, FP32) with PyTorch eager on the same uint8 images."""
     with torch.no_grad():
-        ref = torch.cat(
-            [torch.softmax(net(images[i : i + 64].float() / 255.0), 1)
-             for i in range(0, len(images), 64)]
-        ).double().numpy()
+        ref = (
+            torch.cat(
+                [
+                    torch.softmax(net(images[i : i + 64].float() / 255.0), 1)
+                    for i in range(0, len(images), 64)
+                ]
+            )
+            .double()
+            .numpy()
+        )
     got = run_onnx(cpu_session(onnx_path), images.permute(0, 2, 3, 1).contiguous().numpy())
     v_ref, _ = verdicts(ref, classes, band["t_ok"], band["t_defect"])
     v_got, _ = verdicts(got, classes, band["t_ok"], band["t_defect"])
@@ -282,8 +310,10 @@ def export_run(
             loaded.model(torch.from_numpy(sample).permute(0, 3, 1, 2).float() / 255.0), 1
         )
     metadata["parity_sample"] = {
-        "seed": PARITY_SAMPLE_SEED, "n": PARITY_SAMPLE_SHAPE,
-        "probs": np.round(sample_probs.numpy().astype(np.float64), 6).tolist(), "atol": 1e-3,
+        "seed": PARITY_SAMPLE_SEED,
+        "n": PARITY_SAMPLE_SHAPE,
+        "probs": np.round(sample_probs.numpy().astype(np.float64), 6).tolist(),
+        "atol": 1e-3,
     }
     export_onnx_file(loaded.model, size, out, metadata, pca)
     images = _parity_images(calib.images, test.images, parity_images)
@@ -292,8 +322,10 @@ def export_run(
     report_path.write_text(json.dumps(parity, indent=2))
     if not parity["passed"]:
         out.unlink(missing_ok=True)
-        msg = (f"parity failed: max |Δp| = {parity['max_abs_prob_diff']:.2e} (limit {PARITY_ATOL}),"
-               f" verdict agreement {parity['verdict_agreement']:.2%} (need 100%)")
+        msg = (
+            f"parity failed: max |Δp| = {parity['max_abs_prob_diff']:.2e} (limit {PARITY_ATOL}),"
+            f" verdict agreement {parity['verdict_agreement']:.2%} (need 100%)"
+        )
         raise ParityError(msg)
     result = ExportResult(out, sha256_file(out), {k: str(v) for k, v in metadata.items()}, parity)
     test_nhwc = test.images.permute(0, 2, 3, 1).contiguous().numpy()
@@ -310,7 +342,14 @@ def export_run(
         if int8:
             calib_nhwc = calib.images.permute(0, 2, 3, 1).contiguous().numpy()
             result.variants["int8"] = make_int8(
-                out, calib_nhwc, test_nhwc, labels, loaded.classes, band, base, base_metrics,
+                out,
+                calib_nhwc,
+                test_nhwc,
+                labels,
+                loaded.classes,
+                band,
+                base,
+                base_metrics,
                 variant_tolerance,
             )
     (out.with_suffix(".export.json")).write_text(json.dumps(result.to_dict(), indent=2))
@@ -325,8 +364,9 @@ def build_metadata(loaded: LoadedModel, band: dict[str, Any], pca_dims: int) -> 
         "classes": loaded.classes,
         "input_size": loaded.input_size,
         "input_layout": "NHWC uint8 RGB",
-        "thresholds": {k: band[k] for k in ("t_ok", "t_defect", "alpha", "delta", "guaranteed")
-                       if k in band},
+        "thresholds": {
+            k: band[k] for k in ("t_ok", "t_defect", "alpha", "delta", "guaranteed") if k in band
+        },
         "band": band,
         "dataset_version": loaded.dataset_version,
         "training_config": loaded.config,

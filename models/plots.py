@@ -53,7 +53,9 @@ def plot_score_histograms(
     for i, c in enumerate(classes):
         m = labels == i
         if m.any():
-            ax.hist(scores[m], bins=bins, alpha=0.55, label=f"{c} (n={int(m.sum())})", log=True)
+            ax.hist(
+                scores[m], bins=bins.tolist(), alpha=0.55, label=f"{c} (n={int(m.sum())})", log=True
+            )
     ax.axvspan(t_ok, t_defect, color="orange", alpha=0.15, label="review band")
     ax.axvline(t_ok, color="green", ls="--", lw=1)
     ax.axvline(t_defect, color="red", ls="--", lw=1)
@@ -68,7 +70,10 @@ def plot_escape_curve(curve: dict[str, list[float]], chosen: dict[str, float], p
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(curve["automation_rate"], curve["escape_rate"], marker=".", lw=1)
     ax.scatter(
-        [chosen["automation_rate"]], [chosen["escape_rate"]], color="red", zorder=3,
+        [chosen["automation_rate"]],
+        [chosen["escape_rate"]],
+        color="red",
+        zorder=3,
         label="calibrated band (test)",
     )
     ax.set_xlabel("share of parts passed automatically")

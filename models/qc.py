@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,9 +27,10 @@ def verdicts(
     ok_idx = list(classes).index(OK)
     defect_probs = probs.copy()
     defect_probs[:, ok_idx] = -1.0
-    dtype = np.array(classes, dtype=object)[defect_probs.argmax(1)]
-    dtype = np.where(verdict == "ok", None, dtype)
-    return verdict, dtype
+    names: np.ndarray = np.array(classes, dtype=object)[defect_probs.argmax(1)]
+    defect_type: np.ndarray = names.copy()
+    defect_type[verdict == "ok"] = None
+    return verdict, defect_type
 
 
 def qc_metrics(
@@ -88,7 +89,7 @@ def sliced_metrics(
     classes: Sequence[str],
     t_ok: float,
     t_defect: float,
-    groups: dict[str, Sequence[str | None]],
+    groups: Mapping[str, Sequence[str | None]],
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """The headline metrics per value of each slicing key (line, camera, variant)."""
     keys = ("n", "escape_rate", "false_reject_rate", "automation_rate", "accuracy")

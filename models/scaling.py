@@ -53,16 +53,26 @@ def fit_power_law(x: list[float] | np.ndarray, error: list[float] | np.ndarray) 
         if y1 > 0 and y2 > 0:
             b = -np.log(y2 / y1) / np.log(distinct[1] / distinct[0])
             a = y1 * (distinct[0] / x0) ** b
-            return PowerLaw(float(a) * x0**b, float(b), 0.0, len(xs), False,
-                            "two x values: power law without offset")
+            return PowerLaw(
+                float(a) * x0**b,
+                float(b),
+                0.0,
+                len(xs),
+                False,
+                "two x values: power law without offset",
+            )
         return PowerLaw(0.0, 0.0, float(ys.mean()), len(xs), False, "zero error: no trend")
     xn = xs / x0
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", OptimizeWarning)
             (a, b, c), _ = curve_fit(
-                _law, xn, ys, p0=(max(ys.max() - ys.min(), 1e-3), 0.5, max(ys.min() * 0.5, 0.0)),
-                bounds=([0.0, 0.0, 0.0], [10.0, 3.0, 1.0]), maxfev=20000,
+                _law,
+                xn,
+                ys,
+                p0=(max(ys.max() - ys.min(), 1e-3), 0.5, max(ys.min() * 0.5, 0.0)),
+                bounds=([0.0, 0.0, 0.0], [10.0, 3.0, 1.0]),
+                maxfev=20000,
             )
     except (RuntimeError, ValueError) as exc:
         return PowerLaw(0.0, 0.0, float(ys.mean()), len(xs), False, f"fit failed: {exc}")
@@ -70,9 +80,7 @@ def fit_power_law(x: list[float] | np.ndarray, error: list[float] | np.ndarray) 
     return PowerLaw(float(a * x0**b), float(b), float(c), len(xs), True)
 
 
-def effective_robustness(
-    clean_error: list[float], corrupted_error: list[float]
-) -> dict[str, Any]:
+def effective_robustness(clean_error: list[float], corrupted_error: list[float]) -> dict[str, Any]:
     """How much better each model does under corruption than its clean error predicts.
 
     Fits corrupted = m·clean + k across the trials (the "robustness line"); a trial above the line
@@ -81,9 +89,17 @@ def effective_robustness(
     ce = np.asarray(clean_error, dtype=float)
     co = np.asarray(corrupted_error, dtype=float)
     if len(ce) < 2 or np.ptp(ce) < 1e-9:
-        return {"slope": None, "intercept": None,
-                "per_trial": [0.0] * len(ce), "note": "needs two trials with different clean error"}
+        return {
+            "slope": None,
+            "intercept": None,
+            "per_trial": [0.0] * len(ce),
+            "note": "needs two trials with different clean error",
+        }
     m, k = np.polyfit(ce, co, 1)
     predicted = m * ce + k
-    return {"slope": float(m), "intercept": float(k),
-            "per_trial": (predicted - co).tolist(), "note": ""}
+    return {
+        "slope": float(m),
+        "intercept": float(k),
+        "per_trial": (predicted - co).tolist(),
+        "note": "",
+    }

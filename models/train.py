@@ -184,9 +184,7 @@ def predict_probs(
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def _calibration_loss(
-    model: nn.Module, data: PartImages, device: str
-) -> tuple[float, float]:
+def _calibration_loss(model: nn.Module, data: PartImages, device: str) -> tuple[float, float]:
     probs = predict_probs(model, data.images, device)
     labels = data.labels.numpy()
     p_true = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
@@ -222,8 +220,10 @@ def train(
             net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[info.local_rank] if use_cuda else None
             )
-        sampler = (
-            DistributedSampler(train_data, info.world_size, info.rank, shuffle=True, seed=config.seed)
+        sampler: DistributedSampler[Any] | None = (
+            DistributedSampler(
+                train_data, info.world_size, info.rank, shuffle=True, seed=config.seed
+            )
             if info.world_size > 1
             else None
         )
@@ -240,8 +240,11 @@ def train(
         steps = max(1, config.epochs * len(loader))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
         scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
-        loss_fn = nn.CrossEntropyLoss(weight=_class_weights(train_full, len(ds.classes), device)
-                                      if config.balance_classes else None)
+        loss_fn = nn.CrossEntropyLoss(
+            weight=_class_weights(train_full, len(ds.classes), device)
+            if config.balance_classes
+            else None
+        )
 
         best_loss, best_acc, best_epoch = math.inf, 0.0, 0
         best_state: dict[str, torch.Tensor] = {}
@@ -295,7 +298,9 @@ def train(
                 )
                 if calib_loss < best_loss - 1e-4:
                     best_loss, best_acc, best_epoch = calib_loss, calib_acc, epoch
-                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                    best_state = {
+                        k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                    }
                 elif epoch >= config.min_epochs and epoch - best_epoch >= config.patience:
                     stopped_early = True
                     break
@@ -389,8 +394,12 @@ def load_checkpoint(run_dir: Path) -> LoadedModel:
 
 
 def measure_train_throughput(
-    model_name: str, image_size: int, num_classes: int, device: str = "cpu",
-    batch_size: int = 16, steps: int = 2,
+    model_name: str,
+    image_size: int,
+    num_classes: int,
+    device: str = "cpu",
+    batch_size: int = 16,
+    steps: int = 2,
 ) -> float:
     """Training images per second of a model on this device, from a few timed steps.
 

@@ -99,8 +99,12 @@ def make_int8(
 
     out = fp32.with_name(fp32.stem + ".int8.onnx")
     quantize_static(
-        str(fp32), str(out), Reader(calib_nhwc[:256]), quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        str(fp32),
+        str(out),
+        Reader(calib_nhwc[:256]),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
         op_types_to_quantize=["Conv", "MatMul", "Gemm"],
     )
     # quantize_static drops metadata_props; serving needs them, so copy them over.

@@ -27,6 +27,9 @@ class QCNet(nn.Module):
     exposes the pooled embedding (B, D) that the drift monitor projects to a few dimensions.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, backbone: nn.Module, head: nn.Module, embedding_dim: int) -> None:
         super().__init__()
         self.backbone = backbone
@@ -155,9 +158,7 @@ def _translate_torchvision_keys(
         first, _, rest = key.partition(".")
         if first == "features":
             out[f"backbone.0.{rest}"] = value
-        elif first == "classifier":
-            out[f"head.{rest}"] = value
-        elif first == "fc":
+        elif first == "classifier" or first == "fc":
             out[f"head.{rest}"] = value
         elif first in resnet_children:
             out[f"backbone.{resnet_children.index(first)}.{rest}"] = value

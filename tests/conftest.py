@@ -51,7 +51,11 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_line: Path) -> Pa
     from models.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("run") / "small"
-    train(tiny_line, TrainConfig(model="mobilenet_v3_small", epochs=3, seed=0), run,
-          show_progress=False)
+    train(
+        tiny_line,
+        TrainConfig(model="mobilenet_v3_small", epochs=3, seed=0),
+        run,
+        show_progress=False,
+    )
     evaluate_run(run, show_progress=False)
     return run

@@ -36,17 +36,32 @@ def _fail(message: str) -> typer.Exit:
 
 def print_sweep(summary: dict[str, Any], currency: str) -> None:
     table = Table(title="scale sweep (TCO = training + serving over the planned life)")
-    for col in ("trial", "target", "params", "clean err", "corrupted err", "corrupted escape",
-                f"train {currency}", f"serve {currency}/M", "TCO", "KPI"):
+    for col in (
+        "trial",
+        "target",
+        "params",
+        "clean err",
+        "corrupted err",
+        "corrupted escape",
+        f"train {currency}",
+        f"serve {currency}/M",
+        "TCO",
+        "KPI",
+    ):
         table.add_column(col, justify="right")
     chosen = summary["chosen"]["key"]
     for t in summary["trials"]:
         table.add_row(
-            ("→ " if t["key"] == chosen else "") + t["key"], t["target"],
-            f"{t['parameters'] / 1e6:.1f}M", f"{t['clean_error']:.3f}",
-            f"{t['corrupted_error']:.3f}", f"{t['corrupted_escape_rate']:.2%}",
-            f"{t['training_cost']:.3f}", f"{t['serving_cost_per_million']:.3f}",
-            f"{t['tco']:.2f}", "[green]meets[/green]" if t["meets_kpi"] else "[red]misses[/red]",
+            ("→ " if t["key"] == chosen else "") + t["key"],
+            t["target"],
+            f"{t['parameters'] / 1e6:.1f}M",
+            f"{t['clean_error']:.3f}",
+            f"{t['corrupted_error']:.3f}",
+            f"{t['corrupted_escape_rate']:.2%}",
+            f"{t['training_cost']:.3f}",
+            f"{t['serving_cost_per_million']:.3f}",
+            f"{t['tco']:.2f}",
+            "[green]meets[/green]" if t["meets_kpi"] else "[red]misses[/red]",
         )
     console.print(table)
 
@@ -71,23 +86,34 @@ def pilot_cmd(
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     try:
-        summary = pilot(data=str(data), config_path=str(config) if config else None, seed=seed,
-                        continue_to_sweep=not no_sweep, registered_by=by)
+        summary = pilot(
+            data=str(data),
+            config_path=str(config) if config else None,
+            seed=seed,
+            continue_to_sweep=not no_sweep,
+            registered_by=by,
+        )
     except BudgetExceededError as exc:
         raise _fail(f"budget: {exc}") from None
     except GateFailedError as exc:
         err_console.print(f"[red]{exc}[/red]")
         raise typer.Exit(3) from None
     gate = summary["gate"]
-    console.print("[green]pilot KPI gate passed[/green]: " + "; ".join(
-        f"{r['kpi']} {r['achieved']} (target {r['target']})" for r in gate["rows"]))
-    console.print(f"pilot MLflow run {summary['pilot_run_id']}, cost "
-                  f"{summary['pilot_cost']:.3f} {summary['currency']}")
+    console.print(
+        "[green]pilot KPI gate passed[/green]: "
+        + "; ".join(f"{r['kpi']} {r['achieved']} (target {r['target']})" for r in gate["rows"])
+    )
+    console.print(
+        f"pilot MLflow run {summary['pilot_run_id']}, cost "
+        f"{summary['pilot_cost']:.3f} {summary['currency']}"
+    )
     if "sweep" in summary:
         s = summary["sweep"]
         print_sweep(s, project.currency)
-        console.print(f"[bold]candidate[/bold]: {s['model_name']} version {s['model_version']} "
-                      f"({s['chosen']['key']}); MLflow sweep run {s['sweep_run_id']}")
+        console.print(
+            f"[bold]candidate[/bold]: {s['model_name']} version {s['model_version']} "
+            f"({s['chosen']['key']}); MLflow sweep run {s['sweep_run_id']}"
+        )
         console.print(f"plots: {s['scaling_plot']}  {s['frontier_plot']}")
         console.print(f"approve with: kensa approve {s['model_version']} --by NAME --reason TEXT")
 
@@ -116,12 +142,21 @@ def approve_cmd(
     project = _policy(config)
     model = name or project.name
     try:
-        previous = approve(model, version, by=by, role=role, reason=reason,
-                           policy=project.approval, settings=settings)
+        previous = approve(
+            model,
+            version,
+            by=by,
+            role=role,
+            reason=reason,
+            policy=project.approval,
+            settings=settings,
+        )
     except ApprovalError as exc:
         raise _fail(str(exc)) from None
-    console.print(f"[green]{model} version {version} is now champion[/green]"
-                  + (f" (was {previous})" if previous else ""))
+    console.print(
+        f"[green]{model} version {version} is now champion[/green]"
+        + (f" (was {previous})" if previous else "")
+    )
 
 
 def reject_cmd(
@@ -140,8 +175,15 @@ def reject_cmd(
     configure_mlflow(settings)
     project = _policy(config)
     try:
-        reject(name or project.name, version, by=by, role=role, reason=reason,
-               policy=project.approval, settings=settings)
+        reject(
+            name or project.name,
+            version,
+            by=by,
+            role=role,
+            reason=reason,
+            policy=project.approval,
+            settings=settings,
+        )
     except ApprovalError as exc:
         raise _fail(str(exc)) from None
     console.print(f"{name or project.name} version {version} rejected")
@@ -162,8 +204,14 @@ def rollback_cmd(
     configure_mlflow(settings)
     project = _policy(config)
     try:
-        old, new = rollback(name or project.name, by=by, role=role, reason=reason,
-                            policy=project.approval, settings=settings)
+        old, new = rollback(
+            name or project.name,
+            by=by,
+            role=role,
+            reason=reason,
+            policy=project.approval,
+            settings=settings,
+        )
     except ApprovalError as exc:
         raise _fail(str(exc)) from None
     console.print(f"champion rolled back from version {old} to {new}")
@@ -183,8 +231,12 @@ def cost_cmd(
     for line in lines:
         table.add_row(
             line.created_at.strftime("%Y-%m-%d %H:%M") if line.created_at else "",
-            line.run_id[:8], line.stage, line.target, line.model_version or "-",
-            f"{line.device_hours:.4f}", f"{line.cost:.3f} {line.currency}",
+            line.run_id[:8],
+            line.stage,
+            line.target,
+            line.model_version or "-",
+            f"{line.device_hours:.4f}",
+            f"{line.cost:.3f} {line.currency}",
         )
         totals[line.currency] = totals.get(line.currency, 0.0) + line.cost
     console.print(table)

@@ -36,8 +36,15 @@ def train_cmd(
     from models.zoo import UnknownModelError
 
     config = TrainConfig(
-        model=model, epochs=epochs, batch_size=batch_size, lr=lr, fraction=fraction, seed=seed,
-        device=device, weights=str(weights) if weights else None, max_minutes=max_minutes,
+        model=model,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        fraction=fraction,
+        seed=seed,
+        device=device,
+        weights=str(weights) if weights else None,
+        max_minutes=max_minutes,
     )
     try:
         result = train(data, config, out)
@@ -49,8 +56,11 @@ def train_cmd(
     for col in ("epochs", "best epoch", "calib loss", "calib acc", "img/s", "seconds"):
         table.add_column(col, justify="right")
     table.add_row(
-        str(result.epochs_run), str(result.best_epoch), f"{result.best_calibration_loss:.4f}",
-        f"{result.calibration_accuracy:.3f}", f"{result.images_per_second:.0f}",
+        str(result.epochs_run),
+        str(result.best_epoch),
+        f"{result.best_calibration_loss:.4f}",
+        f"{result.calibration_accuracy:.3f}",
+        f"{result.images_per_second:.0f}",
         f"{result.train_seconds:.1f}",
     )
     console.print(table)
@@ -62,9 +72,12 @@ def print_qc_table(metrics: dict[str, Any], title: str = "QC on the test split")
     for col in ("escape rate", "false reject", "automation", "review", "accuracy", "n"):
         table.add_column(col, justify="right")
     table.add_row(
-        f"{metrics['escape_rate']:.3%}", f"{metrics['false_reject_rate']:.3%}",
-        f"{metrics['automation_rate']:.1%}", f"{metrics['review_rate']:.1%}",
-        f"{metrics['accuracy']:.3f}", str(metrics["n"]),
+        f"{metrics['escape_rate']:.3%}",
+        f"{metrics['false_reject_rate']:.3%}",
+        f"{metrics['automation_rate']:.1%}",
+        f"{metrics['review_rate']:.1%}",
+        f"{metrics['accuracy']:.3f}",
+        str(metrics["n"]),
     )
     console.print(table)
     recall = Table(title="per-class recall (argmax) / defect catch rate (not passed)")
@@ -73,7 +86,9 @@ def print_qc_table(metrics: dict[str, Any], title: str = "QC on the test split")
     recall.add_column("caught", justify="right")
     for c, r in metrics["per_class_recall"].items():
         caught = metrics["defect_catch_rate"].get(c)
-        recall.add_row(c, "-" if r is None else f"{r:.3f}", "-" if caught is None else f"{caught:.3f}")
+        recall.add_row(
+            c, "-" if r is None else f"{r:.3f}", "-" if caught is None else f"{caught:.3f}"
+        )
     console.print(recall)
 
 
@@ -90,8 +105,14 @@ def print_robustness(rob: dict[str, Any]) -> None:
     for col in ("corruption", "error", "escape", "false reject", "error gap", "rCE"):
         table.add_column(col, justify="left" if col == "corruption" else "right")
     clean = rob["clean"]
-    table.add_row("clean", f"{clean['error']:.3f}", f"{clean['escape_rate']:.3f}",
-                  f"{clean['false_reject_rate']:.3f}", "", "")
+    table.add_row(
+        "clean",
+        f"{clean['error']:.3f}",
+        f"{clean['escape_rate']:.3f}",
+        f"{clean['false_reject_rate']:.3f}",
+        "",
+        "",
+    )
     for name, sev in rob["per_corruption"].items():
         vals = list(sev.values())
         rce = rob["relative_ce"].get(name)

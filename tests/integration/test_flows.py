@@ -80,14 +80,20 @@ def _runs(name: str | None = None) -> list[mlflow.entities.Run]:
     return [r for r in runs if name is None or r.info.run_name == name]
 
 
-def test_unreachable_kpi_stops_before_the_sweep(tiny_line: Path, tmp_path: Path,
-                                                env: Settings) -> None:
+def test_unreachable_kpi_stops_before_the_sweep(
+    tiny_line: Path, tmp_path: Path, env: Settings
+) -> None:
     from flows.gate import GateFailedError
     from flows.pilot import pilot
 
-    config = write_config(tmp_path, LENIENT, **{"max_escape_rate = 0.6": "max_escape_rate = 0.0001",
-                                                "min_automation_rate = 0.0":
-                                                "min_automation_rate = 0.999"})
+    config = write_config(
+        tmp_path,
+        LENIENT,
+        **{
+            "max_escape_rate = 0.6": "max_escape_rate = 0.0001",
+            "min_automation_rate = 0.0": "min_automation_rate = 0.999",
+        },
+    )
     with pytest.raises(GateFailedError) as err:
         pilot(data=str(tiny_line), config_path=str(config))
     message = str(err.value)
@@ -103,10 +109,19 @@ def test_unreachable_kpi_stops_before_the_sweep(tiny_line: Path, tmp_path: Path,
     assert MlflowClient().search_registered_models() == []
 
 
-def test_budget_overrun_is_refused_before_anything_starts(tiny_line: Path, tmp_path: Path,
-                                                          env: Settings) -> None:
-    r = CliRunner().invoke(app, ["pilot", "--data", str(tiny_line), "--config",
-                                 str(write_config(tmp_path, LENIENT + "budget = 0.0\n"))])
+def test_budget_overrun_is_refused_before_anything_starts(
+    tiny_line: Path, tmp_path: Path, env: Settings
+) -> None:
+    r = CliRunner().invoke(
+        app,
+        [
+            "pilot",
+            "--data",
+            str(tiny_line),
+            "--config",
+            str(write_config(tmp_path, LENIENT + "budget = 0.0\n")),
+        ],
+    )
     # budget = 0 appended under [sweep]: the pilot passes, the sweep is refused before any trial.
     assert r.exit_code == 2, r.output
     assert "exceeds the budget" in r.output and "nothing was started" in r.output
@@ -114,8 +129,9 @@ def test_budget_overrun_is_refused_before_anything_starts(tiny_line: Path, tmp_p
     assert all(not r.info.run_name.startswith("mobilenet") for r in _runs())
 
 
-def test_pilot_to_candidate_then_approval_reject_rollback(tiny_line: Path, tmp_path: Path,
-                                                          env: Settings) -> None:
+def test_pilot_to_candidate_then_approval_reject_rollback(
+    tiny_line: Path, tmp_path: Path, env: Settings
+) -> None:
     from flows.pilot import pilot
 
     config = write_config(tmp_path, LENIENT)
@@ -131,15 +147,27 @@ def test_pilot_to_candidate_then_approval_reject_rollback(tiny_line: Path, tmp_p
     sweep_run = MlflowClient().get_run(sweep["sweep_run_id"])
     assert sweep_run.data.tags["mlflow.parentRunId"] == summary["pilot_run_id"]
     child = MlflowClient().get_run(trials[0]["run_id"])
-    for key in ("test.escape_rate", "robustness.corrupted_error", "cost.amount",
-                "cost.serving_per_million", "latency_ms_per_image"):
+    for key in (
+        "test.escape_rate",
+        "robustness.corrupted_error",
+        "cost.amount",
+        "cost.serving_per_million",
+        "latency_ms_per_image",
+    ):
         assert key in child.data.metrics
     client = MlflowClient()
     v1 = client.get_model_version_by_alias("qc-test", ALIAS_CANDIDATE)
     first = str(v1.version)
     assert v1.tags[TAG_REGISTERED_BY] == "dana"
-    for tag in ("kensa.dataset_version", "kensa.thresholds", "kensa.kpi", "kensa.cost",
-                "kensa.parity", "kensa.code_version", "kensa.onnx_sha256"):
+    for tag in (
+        "kensa.dataset_version",
+        "kensa.thresholds",
+        "kensa.kpi",
+        "kensa.cost",
+        "kensa.parity",
+        "kensa.code_version",
+        "kensa.onnx_sha256",
+    ):
         assert v1.tags[tag]
     model = mlflow.pyfunc.load_model(f"models:/qc-test@{ALIAS_CANDIDATE}")
     import numpy as np
@@ -156,11 +184,24 @@ def test_pilot_to_candidate_then_approval_reject_rollback(tiny_line: Path, tmp_p
     r = runner.invoke(app, ["approve", first, "--by", "dana", "--reason", "mine", *cfg])
     assert r.exit_code == 2 and "two-person" in r.output
     # A role outside the approval policy is refused.
-    r = runner.invoke(app, ["approve", first, "--by", "lee", "--role", "line",
-                            "--reason", "x", *cfg])
+    r = runner.invoke(
+        app, ["approve", first, "--by", "lee", "--role", "line", "--reason", "x", *cfg]
+    )
     assert r.exit_code == 2 and "may not approve" in r.output
-    r = runner.invoke(app, ["approve", first, "--by", "omar", "--role", "operator",
-                            "--reason", "pilot KPIs met", *cfg])
+    r = runner.invoke(
+        app,
+        [
+            "approve",
+            first,
+            "--by",
+            "omar",
+            "--role",
+            "operator",
+            "--reason",
+            "pilot KPIs met",
+            *cfg,
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert str(client.get_model_version_by_alias("qc-test", ALIAS_CHAMPION).version) == first
 
@@ -169,12 +210,32 @@ def test_pilot_to_candidate_then_approval_reject_rollback(tiny_line: Path, tmp_p
 
     onnx_file = Path(summary["pilot_dir"]) / "model.onnx"
     with mlflow.start_run(experiment_id=client.get_experiment_by_name("kensa").experiment_id):
-        v2 = register_candidate(onnx_file, "qc-test", registered_by="dana", source="test",
-                                kpi={}, cost={}, parity={}, settings=env)
-        v3 = register_candidate(onnx_file, "qc-test", registered_by="dana", source="test",
-                                kpi={}, cost={}, parity={}, settings=env)
-    assert runner.invoke(app, ["approve", v2.version, "--by", "omar", "--reason", "better",
-                               *cfg]).exit_code == 0
+        v2 = register_candidate(
+            onnx_file,
+            "qc-test",
+            registered_by="dana",
+            source="test",
+            kpi={},
+            cost={},
+            parity={},
+            settings=env,
+        )
+        v3 = register_candidate(
+            onnx_file,
+            "qc-test",
+            registered_by="dana",
+            source="test",
+            kpi={},
+            cost={},
+            parity={},
+            settings=env,
+        )
+    assert (
+        runner.invoke(
+            app, ["approve", v2.version, "--by", "omar", "--reason", "better", *cfg]
+        ).exit_code
+        == 0
+    )
     r = runner.invoke(app, ["reject", v3.version, "--by", "omar", "--reason", "worse", *cfg])
     assert r.exit_code == 0
     assert client.get_model_version("qc-test", v3.version).tags[TAG_STATUS] == "rejected"
@@ -201,9 +262,13 @@ def test_ddp_with_two_processes_on_cpu(tiny_line: Path, tmp_path: Path) -> None:
 
     cfg = TrainConfig(model="mobilenet_v3_small", epochs=2, seed=0, fraction=1.0)
     out = tmp_path / "ddp"
-    proc = subprocess.run(torchrun_command(tiny_line, cfg, out, 2), capture_output=True,
-                          text=True, check=False, env={**__import__("os").environ,
-                                                       "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        torchrun_command(tiny_line, cfg, out, 2),
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("checkpoint:") == 1  # one report, from rank 0
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "train.json"]

@@ -12,8 +12,14 @@ import torch
 from typer.testing import CliRunner
 
 from kensa.cli.main import app
-from models.export import ParityError, export_run, parity_sample_images, read_metadata, run_onnx
-from models.export import cpu_session
+from models.export import (
+    ParityError,
+    cpu_session,
+    export_run,
+    parity_sample_images,
+    read_metadata,
+    run_onnx,
+)
 from models.train import TrainConfig, load_checkpoint, train
 
 runner = CliRunner()
@@ -28,8 +34,12 @@ def test_same_seed_same_metrics(tiny_line: Path, tmp_path: Path) -> None:
     sa = load_checkpoint(tmp_path / "a").model.state_dict()
     sb = load_checkpoint(tmp_path / "b").model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    c = train(tiny_line, TrainConfig(model="mobilenet_v3_small", epochs=1, seed=4, fraction=0.5),
-              tmp_path / "c", show_progress=False)
+    c = train(
+        tiny_line,
+        TrainConfig(model="mobilenet_v3_small", epochs=1, seed=4, fraction=0.5),
+        tmp_path / "c",
+        show_progress=False,
+    )
     assert c.history != a.history
 
 
@@ -57,8 +67,9 @@ def test_evaluate_writes_the_qc_figures(trained_run: Path) -> None:
     # -1 / 2 are the "decide nothing automatically" sentinels when calibration data is too thin.
     assert band["t_ok"] <= band["t_defect"]
     assert band["t_ok"] == -1.0 or 0.0 <= band["t_ok"] <= 1.0
-    assert band["guaranteed"] == (band["n_defective"] >= band["n_defective_needed"]
-                                  and band["n_good"] >= band["n_good_needed"])
+    assert band["guaranteed"] == (
+        band["n_defective"] >= band["n_defective_needed"] and band["n_good"] >= band["n_good_needed"]
+    )
     for png in ("confusion_matrix.png", "score_histograms.png", "escape_vs_automation.png"):
         assert (trained_run / "plots" / png).stat().st_size > 1000
 
@@ -67,18 +78,34 @@ def test_robustness_section_and_relative_ce(trained_run: Path, tmp_path: Path) -
     from models.corruptions import corruption_names
     from models.evaluate import evaluate_run
 
-    ref = evaluate_run(trained_run, corruptions=True, max_robustness_images=48,
-                       show_progress=False)
+    ref = evaluate_run(trained_run, corruptions=True, max_robustness_images=48, show_progress=False)
     rob = ref["robustness"]
     assert set(rob["per_corruption"]) == set(corruption_names()) and len(rob["per_corruption"]) >= 8
     assert all(len(s) == 5 for s in rob["per_corruption"].values())
     assert rob["mean_relative_ce"] is None  # no reference given
     assert (trained_run / "plots" / "robustness_error.png").is_file()
-    # Against itself as the reference, relative CE is exactly 1 wherever the reference degrades.
-    again = evaluate_run(trained_run, corruptions=True, reference=trained_run,
-                         max_robustness_images=48, show_progress=False)
-    values = [v for v in again["robustness"]["relative_ce"].values() if v is not None]
-    assert values and all(v == pytest.approx(1.0) for v in values)
+    # Relative CE as ImageNet-C defines it, against a reference whose error rises 0.1 per
+    # severity step: rCE_c = sum_s(E_s,c - E_clean) / sum_s(0.1 s) = own summed gap / 1.5.
+    names = list(rob["per_corruption"])
+    ref_clean = {"error": 0.2}
+    reference = {
+        "model": "reference",
+        "robustness": {
+            "clean": ref_clean,
+            "per_corruption": {n: {str(s): {"error": 0.2 + 0.1 * s} for s in range(1, 6)} for n in names},
+        },
+    }
+    ref_dir = tmp_path / "reference"
+    ref_dir.mkdir()
+    (ref_dir / "metrics.json").write_text(json.dumps(reference))
+    again = evaluate_run(
+        trained_run, corruptions=True, reference=ref_dir, max_robustness_images=48, show_progress=False
+    )["robustness"]
+    for n in names:
+        own = sum(again["per_corruption"][n][str(s)]["error"] - again["clean"]["error"] for s in range(1, 6))
+        assert again["relative_ce"][n] == pytest.approx(own / 1.5)
+    assert again["reference"] == "reference"
+    assert again["mean_relative_ce"] == pytest.approx(np.mean(list(again["relative_ce"].values())))
 
 
 def test_export_parity_and_metadata_round_trip(trained_run: Path, tmp_path: Path) -> None:
@@ -121,8 +148,9 @@ def test_variants_are_kept_only_within_tolerance(trained_run: Path, tmp_path: Pa
     assert v["kept"] == (v["verdict_agreement"] == 1.0 and v["escape_rate_delta"] <= 0.0)
 
 
-def test_export_fails_loudly_when_parity_breaks(trained_run: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_fails_loudly_when_parity_breaks(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import copy
 
     import models.export as export
@@ -153,8 +181,20 @@ def test_export_without_band_names_the_missing_step(tiny_line: Path, tmp_path: P
 
 
 def test_cli_refuses_unknown_model_with_the_list(tiny_line: Path, tmp_path: Path) -> None:
-    r = runner.invoke(app, ["train", "--data", str(tiny_line), "--model", "gpt5",
-                            "--epochs", "1", "--out", str(tmp_path / "r")])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tiny_line),
+            "--model",
+            "gpt5",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert r.exit_code == 2
     assert "resnet18" in r.output and "gpt5" in r.output
     assert not (tmp_path / "r").exists()

@@ -1,0 +1,314 @@
+"""Serving throughput and latency: kensa over HTTP vs the in-process limit vs a naive endpoint.
+
+For each model (untrained weights: speed does not depend on them) and each part size, one run
+measures, on 127.0.0.1 with N concurrent clients:
+
+* in-process limit: decode + resize (thread pool) + onnxruntime at the best batch size, no HTTP;
+* kensa: ``kensa serve --model`` (auth, micro-batching, prediction log on SQLite);
+* naive: a FastAPI endpoint doing one decode and one ``session.run`` per request;
+* LitServe with dynamic batching, when the ``litserve`` package is installed (else skipped).
+
+Figures are printed as images/s, p50/p99 latency, and ratios to the in-process limit. The load
+generator runs on the same machine, so HTTP figures include its CPU use.
+
+    .venv/bin/python bench/serving/bench_serving.py --models mobilenet_v3_small resnet18 \
+        --sizes 224 1024 --seconds 10 --clients 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+INPUT_SIZE = 224
+
+
+def build_model(arch: str, out: Path) -> Path:
+    """Export an untrained zoo model with kensa metadata (parity sample from onnxruntime)."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from models.export import export_onnx_file, parity_sample_images
+    from models.zoo import build_model as zoo_model
+
+    classes = ["ok", "defect_scratch", "defect_dent"]
+    net = zoo_model(arch, len(classes)).eval()
+    k = 8
+    with torch.no_grad():
+        d = net.embed(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)).shape[1]
+    pca = (torch.zeros(d), torch.eye(k, d))
+    meta = {
+        "classes": classes,
+        "input_size": INPUT_SIZE,
+        "model_name": arch,
+        "feature_dims": k,
+        "thresholds": {"t_ok": 0.3, "t_defect": 0.7},
+    }
+    export_onnx_file(net, INPUT_SIZE, out, meta, pca)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    probs = sess.run(["probs"], {"images": parity_sample_images(INPUT_SIZE)})[0]
+    proto = onnx.load(str(out))
+    entry = proto.metadata_props.add()
+    entry.key = "parity_sample"
+    entry.value = json.dumps(
+        {"seed": 1234, "n": 4, "probs": np.round(probs, 6).tolist(), "atol": 1e-3}
+    )
+    onnx.save(proto, str(out))
+    return out
+
+
+def make_parts(size: int, n: int = 32) -> list[bytes]:
+    """JPEG parts: a smooth grey plate with a few darker marks, quality 90."""
+    rng = np.random.default_rng(size)
+    out = []
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for _ in range(n):
+        plate = 150 + 40 * np.sin(6 * xx + rng.uniform(0, 6)) * np.cos(4 * yy)
+        img = np.repeat(plate[..., None], 3, axis=2) + rng.normal(0, 6, (size, size, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def in_process_limit(model: Path, parts: list[bytes], seconds: float) -> dict[str, float]:
+    """Decode+resize in a 2-thread pool overlapped with onnxruntime; best of several batch sizes."""
+    import onnxruntime as ort
+
+    from serving.engine import cpu_threads
+
+    pool = ThreadPoolExecutor(2)
+    best: dict[str, float] = {"images_per_s": 0.0}
+    # The limit is the best of onnxruntime's defaults and serving's thread settings.
+    tuned = ort.SessionOptions()
+    tuned.intra_op_num_threads = cpu_threads()
+    tuned.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for opts in (ort.SessionOptions(), tuned):
+        sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+        best = _best_batch(sess, pool, parts, seconds, best)
+    pool.shutdown(wait=False, cancel_futures=True)
+    return best
+
+
+def _best_batch(
+    sess: Any, pool: ThreadPoolExecutor, parts: list[bytes], seconds: float, best: dict[str, float]
+) -> dict[str, float]:
+    from serving.decode import decode_image
+
+    def decode(i: int) -> np.ndarray:
+        return decode_image(parts[i % len(parts)], INPUT_SIZE, 10**9).pixels
+
+    for batch in (1, 4, 8, 16, 32):
+        sess.run(
+            ["probs", "features"],
+            {"images": np.zeros((batch, INPUT_SIZE, INPUT_SIZE, 3), np.uint8)},
+        )
+        # Keep two batches of decodes in flight so decoding overlaps inference.
+        ahead = [pool.submit(decode, i) for i in range(2 * batch)]
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 5:
+            images = np.stack([f.result() for f in ahead[:batch]])
+            ahead = ahead[batch:] + [
+                pool.submit(decode, done + 2 * batch + i) for i in range(batch)
+            ]
+            sess.run(["probs", "features"], {"images": images})
+            done += batch
+        rate = done / (time.perf_counter() - start)
+        for f in ahead:
+            f.result()
+        if rate > best["images_per_s"]:
+            best = {"images_per_s": rate, "batch": batch}
+    return best
+
+
+NAIVE_APP = textwrap.dedent("""
+    import io, sys, numpy as np, onnxruntime as ort, uvicorn
+    from fastapi import FastAPI, Request
+    from PIL import Image
+    sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+    app = FastAPI()
+
+    def judge(data: bytes) -> list:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        img = img.resize((224, 224), Image.Resampling.BILINEAR)
+        return sess.run(["probs"], {"images": np.asarray(img)[None]})[0][0].tolist()
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict:
+        from starlette.concurrency import run_in_threadpool
+        return {"probs": await run_in_threadpool(judge, await request.body())}
+
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
+""")
+
+
+async def drive(
+    url: str, parts: list[bytes], headers: dict[str, str], clients: int, seconds: float
+) -> dict[str, float]:
+    latencies: list[float] = []
+    errors = 0
+    end = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+
+        async def client(i: int) -> None:
+            nonlocal errors
+            n = i
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                r = await http.post(url, content=parts[n % len(parts)], headers=headers)
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t)
+                else:
+                    errors += 1
+                n += clients
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        elapsed = time.perf_counter() - start
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 2 else [float("nan")] * 99
+    return {
+        "images_per_s": len(latencies) / elapsed,
+        "p50_ms": q[49] * 1000,
+        "p99_ms": q[98] * 1000,
+        "errors": errors,
+    }
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} not up in {timeout} s")
+
+
+def bench_kensa(
+    model: Path, parts: list[bytes], clients: int, seconds: float, tmp: Path
+) -> dict[str, float]:
+    from serving_helpers import free_port, make_keys
+
+    store = f"sqlite:///{tmp / 'kensa.db'}"
+    key = make_keys(store, ["line"])["line"]
+    port = free_port()
+    env = {
+        **os.environ,
+        "KENSA_DATA_DIR": str(tmp),
+        "KENSA_STORE_URL": store,
+        "KENSA_PORT": str(port),
+        "KENSA_LOG_LEVEL": "WARNING",
+        "KENSA_DRAIN_S": "0",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kensa.cli.serve", "--model", str(model)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v2/health/live", proc)
+        headers = {"Authorization": f"Bearer {key}", "content-type": "image/jpeg"}
+        url = f"http://127.0.0.1:{port}/v1/inspect"
+        asyncio.run(drive(url, parts, headers, clients, 2))  # warm-up
+        return asyncio.run(drive(url, parts, headers, clients, seconds))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def bench_naive(model: Path, parts: list[bytes], clients: int, seconds: float) -> dict[str, float]:
+    from serving_helpers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", NAIVE_APP, str(model), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/docs", proc)
+        url = f"http://127.0.0.1:{port}/predict"
+        asyncio.run(drive(url, parts, {}, clients, 2))
+        return asyncio.run(drive(url, parts, {}, clients, seconds))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mobilenet_v3_small", "resnet18"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 1024])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=16)
+    args = parser.parse_args()
+    try:
+        import litserve  # noqa: F401
+
+        has_litserve = True
+    except ImportError:
+        has_litserve = False
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"{args.clients} clients on 127.0.0.1, {args.seconds:g} s per run, CPU onnxruntime"
+    )
+    if not has_litserve:
+        print("LitServe: not installed (pip install litserve) - skipped")
+    header = (
+        f"{'model':<20}{'part':>6}  {'limit img/s':>11}  {'kensa img/s':>11} {'ratio':>6} "
+        f"{'p50':>7} {'p99':>7}  {'naive img/s':>11} {'ratio':>6} {'p50':>7} {'p99':>7}"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        for arch in args.models:
+            model = build_model(arch, tmp / f"{arch}.onnx")
+            for size in args.sizes:
+                parts = make_parts(size)
+                limit = in_process_limit(model, parts, args.seconds)
+                run_dir = tmp / f"{arch}-{size}"
+                run_dir.mkdir()
+                kensa = bench_kensa(model, parts, args.clients, args.seconds, run_dir)
+                naive = bench_naive(model, parts, args.clients, args.seconds)
+                rows.append((arch, size, limit, kensa, naive))
+                print(header if len(rows) == 1 else "", end="\n" if len(rows) == 1 else "")
+                lim = limit["images_per_s"]
+                cells = [f"{arch:<20}{size:>6}  {lim:>11.1f}"]
+                for r in (kensa, naive):
+                    cells.append(
+                        f"{r['images_per_s']:>11.1f} {r['images_per_s'] / lim:>5.2f}x "
+                        f"{r['p50_ms']:>6.1f}ms {r['p99_ms']:>5.0f}ms"
+                    )
+                print("  ".join(cells) + f"   (best batch {limit['batch']:.0f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

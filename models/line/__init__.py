@@ -1,0 +1,1 @@
+"""The synthetic line, module by module; import its public names from ``models.synthetic``."""
