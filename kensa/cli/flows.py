@@ -1,4 +1,4 @@
-"""`kensa pilot`, `approve`, `reject`, `rollback`, `cost`, `deploy`: thin commands over flows/."""
+"""`kensa pilot`, `approve`, `reject`, `rollback`, `cost`: thin commands over flows/."""
 
 from __future__ import annotations
 

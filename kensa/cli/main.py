@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from kensa.cli import data, db, demo, flows, line, modeling
+from kensa.cli import data, db, demo, deploy, flows, keys, line, modeling, serve
 
 app = typer.Typer(
     name="kensa",
@@ -24,6 +24,9 @@ app.command("approve")(flows.approve_cmd)
 app.command("reject")(flows.reject_cmd)
 app.command("rollback")(flows.rollback_cmd)
 app.command("cost")(flows.cost_cmd)
+app.command("deploy")(deploy.deploy_cmd)
+app.add_typer(keys.app, name="keys")
+app.command("serve")(serve.serve)
 
 
 if __name__ == "__main__":  # pragma: no cover
