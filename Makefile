@@ -24,7 +24,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check kensa models flows serving monitoring tests bench
-	$(BIN)/mypy kensa models flows
+	$(BIN)/mypy kensa models flows serving
 
 test: install lint
 	$(BIN)/pytest -q
