@@ -1,6 +1,6 @@
 """Orchestration and tracking overhead: the same pilot as plain calls vs under Prefect + MLflow.
 
-    .venv/bin/python bench/flows.py [--n 600] [--image-size 64] [--epochs 2]
+    .venv/bin/python -m bench.flows [--n 600] [--image-size 64] [--epochs 2]
 
 Both runs train, evaluate (with the corruption suite) and export the same model on the same data;
 the ratio is wall time under the `pilot` flow (ephemeral Prefect API, MLflow on SQLite, ledger,
@@ -53,14 +53,20 @@ def main() -> None:
 
     from flows.pilot import pilot
 
-    t0 = time.perf_counter()
-    pilot(data=str(data), config_path=str(config), continue_to_sweep=False)
-    orchestrated = time.perf_counter() - t0
+    # Cold: the first flow in a fresh environment starts the embedded Prefect API and creates
+    # the MLflow and store schemas. Warm: the same flow again, as every later run sees it.
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        pilot(data=str(data), config_path=str(config), continue_to_sweep=False)
+        times.append(time.perf_counter() - t0)
+    cold, warm = times
     print(f"pilot on {args.n} parts at {args.image_size} px, {args.epochs} epochs")
-    print("| run | wall s |\n|---|---|")
-    print(f"| plain function calls | {plain:.1f} |")
-    print(f"| `pilot` flow (Prefect + MLflow + ledger) | {orchestrated:.1f} |")
-    print(f"overhead ratio: {orchestrated / plain:.2f}× ({orchestrated - plain:+.1f} s)")
+    print("| run | wall s | ratio to plain |\n|---|---|---|")
+    print(f"| plain function calls | {plain:.1f} | 1.00× |")
+    print(f"| `pilot` flow, cold (starts Prefect API, creates MLflow + store) | {cold:.1f} | "
+          f"{cold / plain:.2f}× |")
+    print(f"| `pilot` flow, warm (Prefect + MLflow + ledger) | {warm:.1f} | {warm / plain:.2f}× |")
 
 
 if __name__ == "__main__":

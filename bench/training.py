@@ -1,6 +1,6 @@
 """Training throughput per model size on this machine, and ONNX Runtime vs PyTorch eager inference.
 
-    .venv/bin/python bench/training.py [--image-size 128] [--sizes mobilenet_v3_small,resnet18]
+    .venv/bin/python -m bench.training [--image-size 128] [--sizes mobilenet_v3_small,resnet18]
 
 Prints a markdown table; figures go to docs/benchmarks.md with the machine they ran on.
 """

@@ -27,6 +27,8 @@ from models.datasets import PartImages, train_augmentations
 from models.zoo import build_model, count_parameters
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# /2: the architecture depends on the input size (small-input stems, see models.zoo.small_input).
+CHECKPOINT_FORMAT = "kensa-checkpoint/2"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class TrainConfig:
     max_minutes: float | None = None  # wall-clock budget; training stops cleanly when spent
     weights: str | None = None  # local pretrained weights file, never a download
     augment: bool = True
+    optimizer: str = "adamw"  # "adamw" or "sgd" (Nesterov momentum 0.9)
+    label_smoothing: float = 0.0
 
     def validate(self) -> None:
         if not 0 < self.fraction <= 1:
@@ -55,6 +59,9 @@ class TrainConfig:
             raise ValueError(msg)
         if self.epochs < 1:
             msg = f"epochs must be at least 1, got {self.epochs}"
+            raise ValueError(msg)
+        if self.optimizer not in ("adamw", "sgd"):
+            msg = f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}"
             raise ValueError(msg)
         if self.device not in ("cpu", "cuda"):
             msg = f"device must be 'cpu' or 'cuda', got {self.device!r}"
@@ -210,7 +217,10 @@ def train(
         train_data = _subset(train_full, config.fraction, config.seed)
 
         model: nn.Module = build_model(
-            config.model, len(ds.classes), Path(config.weights) if config.weights else None
+            config.model,
+            len(ds.classes),
+            Path(config.weights) if config.weights else None,
+            input_size=image_size,
         ).to(device)
         use_cuda = config.device == "cuda"
         if use_cuda:
@@ -236,14 +246,27 @@ def train(
             generator=generator if sampler is None else None,
             drop_last=len(train_data) > config.batch_size,
         )
-        opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        opt: torch.optim.Optimizer
+        if config.optimizer == "sgd":
+            opt = torch.optim.SGD(
+                net.parameters(),
+                lr=config.lr,
+                momentum=0.9,
+                nesterov=True,
+                weight_decay=config.weight_decay,
+            )
+        else:
+            opt = torch.optim.AdamW(
+                net.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            )
         steps = max(1, config.epochs * len(loader))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
         scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
         loss_fn = nn.CrossEntropyLoss(
             weight=_class_weights(train_full, len(ds.classes), device)
             if config.balance_classes
-            else None
+            else None,
+            label_smoothing=config.label_smoothing,
         )
 
         best_loss, best_acc, best_epoch = math.inf, 0.0, 0
@@ -338,7 +361,7 @@ def save_checkpoint(
     """Write a checkpoint that describes itself: model, classes, input size, config, data, metrics."""
     result.run_dir.mkdir(parents=True, exist_ok=True)
     payload = {
-        "format": "kensa-checkpoint/1",
+        "format": CHECKPOINT_FORMAT,
         "model_name": config.model,
         "classes": list(ds.classes),
         "input_size": image_size,
@@ -378,7 +401,9 @@ def load_checkpoint(run_dir: Path) -> LoadedModel:
         msg = f"no checkpoint at {path}; run `kensa train ... --out {run_dir}` first"
         raise FileNotFoundError(msg)
     payload = torch.load(path, map_location="cpu", weights_only=False)
-    model = build_model(payload["model_name"], len(payload["classes"]))
+    # A /1 checkpoint predates size-dependent stems: it was trained with the stock architecture.
+    arch_size = None if payload.get("format") == "kensa-checkpoint/1" else payload["input_size"]
+    model = build_model(payload["model_name"], len(payload["classes"]), input_size=arch_size)
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return LoadedModel(
@@ -405,7 +430,7 @@ def measure_train_throughput(
 
     Used to estimate a stage's device-hours (and so its cost) before it is allowed to start.
     """
-    model = build_model(model_name, num_classes).to(device).train()
+    model = build_model(model_name, num_classes, input_size=image_size).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.rand(batch_size, 3, image_size, image_size, device=device)
     y = torch.randint(0, num_classes, (batch_size,), device=device)

@@ -51,12 +51,31 @@ class ZooEntry:
     """One rung of the size ladder."""
 
     name: str
-    build: Callable[[int], QCNet]
+    build: Callable[[int, bool], QCNet]
     description: str
 
 
-def _mobilenet(ctor: Callable[..., tvm.MobileNetV3], num_classes: int) -> QCNet:
+# Inputs at or below this side get a small-input stem: the first stride-2 stage is dropped, so a
+# 128-px image ends at 8x8 instead of 4x4 and a few-pixel defect still reaches the head.
+SMALL_INPUT_MAX = 160
+
+
+def small_input(input_size: int | None) -> bool:
+    """Whether a model for ``input_size`` px gets the small-input stem (None: the stock stem)."""
+    return input_size is not None and input_size <= SMALL_INPUT_MAX
+
+
+def _first_conv_stride_one(features: nn.Module) -> None:
+    stem = features[0]  # type: ignore[index]
+    conv = stem[0]
+    assert isinstance(conv, nn.Conv2d)
+    conv.stride = (1, 1)
+
+
+def _mobilenet(ctor: Callable[..., tvm.MobileNetV3], num_classes: int, small: bool) -> QCNet:
     net = ctor(weights=None)
+    if small:
+        _first_conv_stride_one(net.features)
     backbone = nn.Sequential(net.features, net.avgpool)
     head = net.classifier
     last = head[-1]
@@ -67,14 +86,18 @@ def _mobilenet(ctor: Callable[..., tvm.MobileNetV3], num_classes: int) -> QCNet:
     return QCNet(backbone, head, first.in_features)
 
 
-def _resnet(ctor: Callable[..., tvm.ResNet], num_classes: int) -> QCNet:
+def _resnet(ctor: Callable[..., tvm.ResNet], num_classes: int, small: bool) -> QCNet:
     net = ctor(weights=None)
+    if small:
+        net.maxpool = nn.Identity()  # parameter-free: state dicts stay interchangeable
     backbone = nn.Sequential(*(m for name, m in net.named_children() if name != "fc"))
     return QCNet(backbone, nn.Linear(net.fc.in_features, num_classes), net.fc.in_features)
 
 
-def _efficientnet(ctor: Callable[..., tvm.EfficientNet], num_classes: int) -> QCNet:
+def _efficientnet(ctor: Callable[..., tvm.EfficientNet], num_classes: int, small: bool) -> QCNet:
     net = ctor(weights=None)
+    if small:
+        _first_conv_stride_one(net.features)
     backbone = nn.Sequential(net.features, net.avgpool)
     last = net.classifier[-1]
     assert isinstance(last, nn.Linear)
@@ -86,11 +109,11 @@ def _efficientnet(ctor: Callable[..., tvm.EfficientNet], num_classes: int) -> QC
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in (
-        ZooEntry("mobilenet_v3_small", lambda c: _mobilenet(tvm.mobilenet_v3_small, c), "~1M"),
-        ZooEntry("mobilenet_v3_large", lambda c: _mobilenet(tvm.mobilenet_v3_large, c), "~4M"),
-        ZooEntry("efficientnet_b0", lambda c: _efficientnet(tvm.efficientnet_b0, c), "~4M"),
-        ZooEntry("resnet18", lambda c: _resnet(tvm.resnet18, c), "~11M"),
-        ZooEntry("resnet50", lambda c: _resnet(tvm.resnet50, c), "~24M"),
+        ZooEntry("mobilenet_v3_small", lambda c, s: _mobilenet(tvm.mobilenet_v3_small, c, s), "~1M"),
+        ZooEntry("mobilenet_v3_large", lambda c, s: _mobilenet(tvm.mobilenet_v3_large, c, s), "~4M"),
+        ZooEntry("efficientnet_b0", lambda c, s: _efficientnet(tvm.efficientnet_b0, c, s), "~4M"),
+        ZooEntry("resnet18", lambda c, s: _resnet(tvm.resnet18, c, s), "~11M"),
+        ZooEntry("resnet50", lambda c, s: _resnet(tvm.resnet50, c, s), "~24M"),
     )
 }
 
@@ -104,8 +127,15 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(name: str, num_classes: int, weights: Path | None = None) -> QCNet:
+def build_model(
+    name: str, num_classes: int, weights: Path | None = None, input_size: int | None = None
+) -> QCNet:
     """Build a zoo model for ``num_classes`` classes, optionally from a local weights file.
+
+    ``input_size`` (the square input side) picks the stem: at or below :data:`SMALL_INPUT_MAX`
+    px the first downsampling is removed (MobileNet/EfficientNet stem conv at stride 1, ResNet
+    without its max-pool); ``None`` keeps the stock torchvision stem. The parameters are the same
+    either way, so weights and state dicts load into both.
 
     ``weights`` is a local state dict (a torchvision checkpoint or a kensa checkpoint); nothing is
     ever downloaded. Tensors whose shape does not fit (the class head) are skipped, so ImageNet
@@ -117,7 +147,7 @@ def build_model(name: str, num_classes: int, weights: Path | None = None) -> QCN
     if num_classes < 2:
         msg = f"a QC model needs at least 2 classes, got {num_classes}"
         raise ValueError(msg)
-    model = ZOO[name].build(num_classes)
+    model = ZOO[name].build(num_classes, small_input(input_size))
     for m in model.modules():
         # torchvision's MobileNet/EfficientNet use BN momentum 0.01, tuned for 600 ImageNet epochs;
         # a short from-scratch run then evaluates with running statistics far from the truth.
