@@ -109,10 +109,14 @@ def _audit(
 ) -> None:
     factory = open_store(settings)
     with factory() as session:
-        append_event(
-            session, actor=actor, action=action, subject=f"model:{name}/{version}", details=details
-        )
+        append_event(session, actor=actor, action=action, subject=f"model:{name}/{version}", details=details)
         session.commit()
+
+
+def _require_role(role: str, policy: Approval, verb: str) -> None:
+    if role not in policy.approver_roles:
+        msg = f"role {role!r} may not {verb}; allowed: {', '.join(policy.approver_roles)}"
+        raise ApprovalError(msg)
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
@@ -139,9 +143,7 @@ def approve(
     """
     client = MlflowClient()
     mv = client.get_model_version(name, version)
-    if role not in policy.approver_roles:
-        msg = f"role {role!r} may not approve models; allowed: {', '.join(policy.approver_roles)}"
-        raise ApprovalError(msg)
+    _require_role(role, policy, "approve models")
     registrant = mv.tags.get(TAG_REGISTERED_BY, "")
     if policy.two_person and registrant and registrant == by:
         msg = (
@@ -191,9 +193,7 @@ def reject(
 ) -> None:
     """Mark a candidate rejected (it keeps its history; it never gets an alias again)."""
     client = MlflowClient()
-    if role not in policy.approver_roles:
-        msg = f"role {role!r} may not reject models; allowed: {', '.join(policy.approver_roles)}"
-        raise ApprovalError(msg)
+    _require_role(role, policy, "reject models")
     if _alias_version(client, name, ALIAS_CHAMPION) == version:
         msg = f"{name}/{version} is the champion; roll back or approve another version first"
         raise ApprovalError(msg)
@@ -209,9 +209,7 @@ def rollback(
 ) -> tuple[str, str]:
     """Point ``champion`` back at the version it replaced; returns (from, to)."""
     client = MlflowClient()
-    if role not in policy.approver_roles:
-        msg = f"role {role!r} may not roll back; allowed: {', '.join(policy.approver_roles)}"
-        raise ApprovalError(msg)
+    _require_role(role, policy, "roll back")
     current = _alias_version(client, name, ALIAS_CHAMPION)
     if current is None:
         msg = f"{name} has no champion to roll back"

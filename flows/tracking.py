@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -70,47 +69,3 @@ def flat_metrics(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-/ " else "_" for c in name)
-
-
-def log_run_outputs(run_dir: Path, metrics: dict[str, Any]) -> None:
-    """Log a trained and evaluated run: headline metrics, robustness, plots, reports."""
-    headline = {
-        k: metrics[k]
-        for k in (
-            "escape_rate",
-            "false_reject_rate",
-            "automation_rate",
-            "review_rate",
-            "accuracy",
-            "error",
-        )
-        if k in metrics
-    }
-    mlflow.log_metrics({f"test.{k}": float(v) for k, v in headline.items()})
-    for cls, recall in metrics.get("per_class_recall", {}).items():
-        if recall is not None:
-            mlflow.log_metric(f"test.recall.{cls}", float(recall))
-    rob = metrics.get("robustness")
-    if rob:
-        mlflow.log_metrics(
-            {
-                "robustness.corrupted_error": rob["corrupted_error"],
-                "robustness.corrupted_escape_rate": rob["corrupted_escape_rate"],
-                "robustness.mean_error_gap": rob["mean_error_gap"],
-            }
-        )
-        if rob.get("mean_relative_ce") is not None:
-            mlflow.log_metric("robustness.mean_relative_ce", rob["mean_relative_ce"])
-    band = metrics.get("band", {})
-    mlflow.log_dict(band, "band.json")
-    mlflow.log_dict(_jsonable(metrics), "metrics.json")
-    plots = run_dir / "plots"
-    if plots.is_dir():
-        mlflow.log_artifacts(str(plots), artifact_path="plots")
-    for name in ("train.json",):
-        if (run_dir / name).is_file():
-            mlflow.log_artifact(str(run_dir / name))
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))

@@ -26,14 +26,16 @@ def train_augmentations() -> v2.Transform:
     """Augmentations that mimic honest line variation, not the corruption suite.
 
     Kept mild on purpose: robustness is *measured* under the corruption suite, so training on the
-    same corruptions would hide exactly what the robustness report is for.
+    same corruptions would hide exactly what the robustness report is for. Flips are exact on the
+    pixel grid; no rotation or sub-pixel shift, whose resampling smears the few-pixel scratches and
+    cracks that a 96-128 px model has to see. A mild brightness/contrast jitter covers honest
+    lighting drift between shifts.
     """
     return v2.Compose(
         [
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
-            v2.RandomAffine(degrees=4, translate=(0.03, 0.03)),
-            v2.ColorJitter(brightness=0.15, contrast=0.15),
+            v2.ColorJitter(brightness=0.1, contrast=0.1),
         ]
     )
 

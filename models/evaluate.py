@@ -154,9 +154,8 @@ def evaluate_run(
     if list(ds.classes) != loaded.classes:
         msg = f"dataset classes {list(ds.classes)} differ from the model's {loaded.classes}"
         raise ValueError(msg)
-    if ds.version != loaded.dataset_version:
-        # Allowed (evaluate on new data), but recorded: the band was calibrated on this data.
-        pass
+    # Evaluating on another dataset version is allowed (new data from the line); metrics.json
+    # records both versions, and the band is calibrated on the data evaluated here.
     size = loaded.input_size
 
     def predict(images: torch.Tensor) -> np.ndarray:

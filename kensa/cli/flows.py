@@ -104,8 +104,7 @@ def pilot_cmd(
         + "; ".join(f"{r['kpi']} {r['achieved']} (target {r['target']})" for r in gate["rows"])
     )
     console.print(
-        f"pilot MLflow run {summary['pilot_run_id']}, cost "
-        f"{summary['pilot_cost']:.3f} {summary['currency']}"
+        f"pilot MLflow run {summary['pilot_run_id']}, cost {summary['pilot_cost']:.3f} {summary['currency']}"
     )
     if "sweep" in summary:
         s = summary["sweep"]
@@ -118,102 +117,76 @@ def pilot_cmd(
         console.print(f"approve with: kensa approve {s['model_version']} --by NAME --reason TEXT")
 
 
-def _policy(config: Path | None) -> Any:
-    from flows.config import load_project_config
+def _registry_call(action: str, name: str | None, config: Path | None, **kwargs: Any) -> Any:
+    """Run one registry action under the project's approval policy; refusals exit with code 2."""
+    import mlflow
+
+    from flows import registry
+    from flows.config import ConfigError, load_project_config
+    from flows.tracking import configure_mlflow
 
     settings = get_settings()
-    return load_project_config(config or settings.project_config)
+    try:
+        project = load_project_config(config or settings.project_config)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    configure_mlflow(settings)
+    model = name or project.name
+    try:
+        return model, getattr(registry, action)(model, policy=project.approval, settings=settings, **kwargs)
+    except registry.ApprovalError as exc:
+        raise _fail(str(exc)) from None
+    except mlflow.exceptions.MlflowException as exc:
+        # An unknown model or version: say which, without MLflow's internals.
+        raise _fail(f"{model} {kwargs.get('version', '')}: {exc.message.splitlines()[0]}") from None
+
+
+VersionArg = typer.Argument(..., help="Model version in the registry.")
+ByOpt = typer.Option(..., "--by", help="Who decides (recorded in the audit log).")
+ReasonOpt = typer.Option(..., "--reason", help="Why (recorded in the audit log).")
+RoleOpt = typer.Option("admin", "--role", help="The decider's role, checked against the policy.")
+NameOpt = typer.Option(None, "--name", help="Registered model name (default: the project's).")
+ConfigOpt = typer.Option(None, "--config", help="kensa.toml with the approval policy.")
 
 
 def approve_cmd(
-    version: str = typer.Argument(..., help="Model version to promote to champion."),
-    by: str = typer.Option(..., "--by", help="Who approves (recorded in the audit log)."),
-    reason: str = typer.Option(..., "--reason"),
-    role: str = typer.Option("admin", "--role", help="The approver's role."),
-    name: str | None = typer.Option(None, "--name", help="Registered model name."),
-    config: Path | None = typer.Option(None, "--config"),
+    version: str = VersionArg,
+    by: str = ByOpt,
+    reason: str = ReasonOpt,
+    role: str = RoleOpt,
+    name: str | None = NameOpt,
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Approve a candidate: it becomes the champion that serving hot-swaps to."""
-    from flows.registry import ApprovalError, approve
-    from flows.tracking import configure_mlflow
-
-    settings = get_settings()
-    configure_mlflow(settings)
-    project = _policy(config)
-    model = name or project.name
-    try:
-        previous = approve(
-            model,
-            version,
-            by=by,
-            role=role,
-            reason=reason,
-            policy=project.approval,
-            settings=settings,
-        )
-    except ApprovalError as exc:
-        raise _fail(str(exc)) from None
-    console.print(
-        f"[green]{model} version {version} is now champion[/green]"
-        + (f" (was {previous})" if previous else "")
+    model, previous = _registry_call(
+        "approve", name, config, version=version, by=by, role=role, reason=reason
     )
+    was = f" (was {previous})" if previous else ""
+    console.print(f"[green]{model} version {version} is now champion[/green]{was}")
 
 
 def reject_cmd(
-    version: str = typer.Argument(...),
-    by: str = typer.Option(..., "--by"),
-    reason: str = typer.Option(..., "--reason"),
-    role: str = typer.Option("admin", "--role"),
-    name: str | None = typer.Option(None, "--name"),
-    config: Path | None = typer.Option(None, "--config"),
+    version: str = VersionArg,
+    by: str = ByOpt,
+    reason: str = ReasonOpt,
+    role: str = RoleOpt,
+    name: str | None = NameOpt,
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Reject a candidate (kept for the record; never gets an alias)."""
-    from flows.registry import ApprovalError, reject
-    from flows.tracking import configure_mlflow
-
-    settings = get_settings()
-    configure_mlflow(settings)
-    project = _policy(config)
-    try:
-        reject(
-            name or project.name,
-            version,
-            by=by,
-            role=role,
-            reason=reason,
-            policy=project.approval,
-            settings=settings,
-        )
-    except ApprovalError as exc:
-        raise _fail(str(exc)) from None
-    console.print(f"{name or project.name} version {version} rejected")
+    model, _ = _registry_call("reject", name, config, version=version, by=by, role=role, reason=reason)
+    console.print(f"{model} version {version} rejected")
 
 
 def rollback_cmd(
-    by: str = typer.Option(..., "--by"),
-    reason: str = typer.Option(..., "--reason"),
-    role: str = typer.Option("admin", "--role"),
-    name: str | None = typer.Option(None, "--name"),
-    config: Path | None = typer.Option(None, "--config"),
+    by: str = ByOpt,
+    reason: str = ReasonOpt,
+    role: str = RoleOpt,
+    name: str | None = NameOpt,
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Return the champion alias to the version it replaced."""
-    from flows.registry import ApprovalError, rollback
-    from flows.tracking import configure_mlflow
-
-    settings = get_settings()
-    configure_mlflow(settings)
-    project = _policy(config)
-    try:
-        old, new = rollback(
-            name or project.name,
-            by=by,
-            role=role,
-            reason=reason,
-            policy=project.approval,
-            settings=settings,
-        )
-    except ApprovalError as exc:
-        raise _fail(str(exc)) from None
+    _, (old, new) = _registry_call("rollback", name, config, by=by, role=role, reason=reason)
     console.print(f"champion rolled back from version {old} to {new}")
 
 
