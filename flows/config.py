@@ -53,17 +53,17 @@ class Stage(_Strict):
 
 
 class Pilot(Stage):
-    model: str = "mobilenet_v3_small"
+    model: str = "small_cnn"
     fraction: float = Field(0.5, gt=0, le=1)
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(15, ge=1)
     max_minutes: float = Field(10, gt=0)
     budget: float = 5.0
 
 
 class Sweep(Stage):
-    models: list[str] = Field(default_factory=lambda: ["mobilenet_v3_small", "resnet18"])
+    models: list[str] = Field(default_factory=lambda: ["small_cnn", "mobilenet_v3_small"])
     fractions: list[float] = Field(default_factory=lambda: [0.5, 1.0])
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(15, ge=1)
     burst_target: str | None = "cloud-gpu"
     budget: float = 50.0
     max_robustness_images: int = Field(192, ge=16)
@@ -108,9 +108,7 @@ class ProjectConfig(_Strict):
             "onprem-gpu": ComputeTarget(
                 work_pool="onprem-gpu", kind="onprem", cost_per_hour=0.60, capacity=1
             ),
-            "cloud-gpu": ComputeTarget(
-                work_pool="cloud-gpu", kind="cloud", cost_per_hour=2.50, capacity=4
-            ),
+            "cloud-gpu": ComputeTarget(work_pool="cloud-gpu", kind="cloud", cost_per_hour=2.50, capacity=4),
         }
     )
 

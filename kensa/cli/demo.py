@@ -38,9 +38,10 @@ def _run(args: list[str], allow: tuple[int, ...] = (0,)) -> int:
 def demo(
     out: Path = typer.Option(Path(".kensa/demo"), "--out", help="Where the demo writes."),
     n: int = typer.Option(2000, "--n", help="Parts the synthetic line makes."),
-    image_size: int = typer.Option(96, "--image-size"),
-    epochs: int = typer.Option(8, "--epochs"),
-    model: str = typer.Option("mobilenet_v3_small", "--model", help="Zoo model for the model core."),
+    image_size: int = typer.Option(64, "--image-size"),
+    epochs: int = typer.Option(15, "--epochs"),
+    model: str = typer.Option("small_cnn", "--model", help="Zoo model for the model core."),
+    config: Path = typer.Option(Path("examples/kensa.toml"), "--config", help="Project config."),
     pilot: bool = typer.Option(True, "--pilot/--no-pilot", help="Run the staged flow at the end."),
 ) -> None:
     """Synthetic line → ingest → train, evaluate under corruptions, export → pilot with its KPI gate."""
@@ -82,7 +83,10 @@ def demo(
     _run(["export", str(run), "--out", str(run / "model.onnx"), "--int8"])
     gate = 0
     if pilot:
-        gate = _run(["pilot", "--data", str(data), "--by", "demo-data-scientist"], allow=(0, EXIT_GATE))
+        gate = _run(
+            ["pilot", "--data", str(data), "--config", str(config), "--by", "demo-data-scientist"],
+            allow=(0, EXIT_GATE),
+        )
     console.print(Rule("[bold]summary"))
     m = json.loads((run / "metrics.json").read_text())
     info = json.loads((run / "train.json").read_text())

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from kensa.settings import Settings
-from models.data import load_dataset
-from models.synthetic import LineConditions, iter_parts
+from models.data import ingest_dataset, load_dataset
+from models.synthetic import LineConditions, generate_dataset, iter_parts
 from models.train import TrainConfig, load_checkpoint, predict_probs, split_tensors, train
-from tests.conftest import make_line
 
-SIZE = 96
-N_PARTS = 900
+SIZE = 64
+N_PARTS = 1500
 SEED = 11
+EPOCHS = 20
 
 
 @pytest.mark.slow
@@ -25,8 +25,10 @@ def test_small_model_learns_defects_and_keeps_verdict_under_mild_lighting(
     tmp_path: Path, settings: Settings
 ) -> None:
     torch.set_num_threads(2)
-    root = make_line(tmp_path / "line", N_PARTS, SEED, SIZE, settings)
-    cfg = TrainConfig(model="mobilenet_v3_small", epochs=EPOCHS, seed=0)
+    root = tmp_path / "line"
+    generate_dataset(root, n=N_PARTS, seed=SEED, image_size=SIZE)
+    ingest_dataset(root, settings)
+    cfg = TrainConfig(model="small_cnn", epochs=EPOCHS, seed=0, min_epochs=EPOCHS)
     train(root, cfg, tmp_path / "run", show_progress=False)
     loaded = load_checkpoint(tmp_path / "run")
     ok = loaded.classes.index("ok")
@@ -35,16 +37,25 @@ def test_small_model_learns_defects_and_keeps_verdict_under_mild_lighting(
     labels = test.labels.numpy()
     prior = float((labels == ok).mean())
     accuracy = float((predict_probs(loaded.model, test.images).argmax(1) == labels).mean())
-    assert accuracy >= prior + 0.08, f"accuracy {accuracy:.3f} vs majority prior {prior:.3f}"
+    assert accuracy >= prior + 0.05, f"accuracy {accuracy:.3f} vs majority prior {prior:.3f}"
 
-    # Held-out parts (a stream the model never saw), rendered under slightly dimmer light.
-    dim = LineConditions().with_overrides({"lighting": 0.9})
-    obvious = [
-        torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
-        for img, rec in iter_parts(400, SEED + 1000, dim, SIZE)
-        if rec.defect_severity is not None and rec.defect_severity >= 0.7
-    ]
-    assert len(obvious) >= 15
-    probs = predict_probs(loaded.model, torch.stack(obvious))
-    flagged = float((probs.argmax(1) != ok).mean())
-    assert flagged >= 0.7, f"only {flagged:.0%} of {len(obvious)} obvious defects flagged"
+    # Held-out parts (a stream the model never saw): the same parts under nominal light and
+    # under slightly dimmer light (the generator changes only the light between the two).
+    def render(conditions: LineConditions) -> tuple[torch.Tensor, list[float | None]]:
+        parts = list(iter_parts(400, SEED + 1000, conditions, SIZE))
+        images = torch.stack(
+            [torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1) for img, _ in parts]
+        )
+        return images, [rec.defect_severity for _, rec in parts]
+
+    nominal, severity = render(LineConditions())
+    dim, _ = render(LineConditions().with_overrides({"lighting": 0.9}))
+    p_nominal = predict_probs(loaded.model, nominal)
+    p_dim = predict_probs(loaded.model, dim)
+    obvious = np.array([s is not None and s >= 0.7 for s in severity])
+    assert obvious.sum() >= 15
+    flagged = float((p_nominal[obvious].argmax(1) != ok).mean())
+    assert flagged >= 0.5, f"only {flagged:.0%} of {int(obvious.sum())} obvious defects flagged"
+    # ok-vs-not-ok verdict kept under the mild lighting change on almost every part.
+    kept = float(((p_nominal.argmax(1) == ok) == (p_dim.argmax(1) == ok)).mean())
+    assert kept >= 0.9, f"verdict kept on only {kept:.0%} of parts under lighting 0.9"
