@@ -117,11 +117,11 @@ def _small_cnn(num_classes: int, small: bool) -> QCNet:
 
 
 # Ordered smallest to largest (parameters with 6 classes):
-# ~0.34M, ~1.5M, ~4.2M, ~4.0M, ~11.2M, ~23.5M.
+# ~0.7M, ~1.5M, ~4.2M, ~4.0M, ~11.2M, ~23.5M.
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in (
-        ZooEntry("small_cnn", _small_cnn, "~0.3M plain CNN for small inputs"),
+        ZooEntry("small_cnn", _small_cnn, "~0.7M plain CNN for small inputs"),
         ZooEntry("mobilenet_v3_small", lambda c, s: _mobilenet(tvm.mobilenet_v3_small, c, s), "~1M"),
         ZooEntry("mobilenet_v3_large", lambda c, s: _mobilenet(tvm.mobilenet_v3_large, c, s), "~4M"),
         ZooEntry("efficientnet_b0", lambda c, s: _efficientnet(tvm.efficientnet_b0, c, s), "~4M"),
