@@ -29,9 +29,9 @@ BIN = Path(sys.executable).parent
 LENIENT_CONFIG = """\
 name = "qc-it"
 [kpi]
-max_escape_rate = 0.5
+max_escape_rate = 0.99
 min_automation_rate = 0.0
-max_false_reject_rate = 0.5
+max_false_reject_rate = 0.99
 max_corrupted_escape_rate = 1.0
 max_relative_ce = 100
 [pilot]

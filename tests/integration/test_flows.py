@@ -27,10 +27,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LENIENT = """
 name = "qc-test"
 [kpi]
-max_escape_rate = 0.6
+max_escape_rate = 0.99
 confidence = 0.9
 min_automation_rate = 0.0
-max_false_reject_rate = 0.6
+max_false_reject_rate = 0.99
 max_corrupted_escape_rate = 1.0
 max_relative_ce = 1000
 [pilot]
@@ -90,7 +90,7 @@ def test_unreachable_kpi_stops_before_the_sweep(
         tmp_path,
         LENIENT,
         **{
-            "max_escape_rate = 0.6": "max_escape_rate = 0.0001",
+            "max_escape_rate = 0.99": "max_escape_rate = 0.0001",
             "min_automation_rate = 0.0": "min_automation_rate = 0.999",
         },
     )
