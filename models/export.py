@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -18,6 +17,13 @@ import torch
 from torch import nn
 
 from kensa import __version__
+from models.contract import (  # noqa: F401 - re-exported: the export side of the contract
+    PARITY_SAMPLE_SEED,
+    PARITY_SAMPLE_SHAPE,
+    parity_sample_images,
+    read_metadata,
+    sha256_file,
+)
 from models.data import load_dataset
 from models.qc import defect_scores, qc_metrics, verdicts
 from models.train import LoadedModel, load_checkpoint, split_tensors
@@ -28,8 +34,6 @@ MAX_FEATURES = 32
 PARITY_ATOL = 1e-4
 _EXPORT_LOCK = threading.Lock()
 TIE_EPS = 1e-6  # a score this close to a threshold is a tie under float32 rounding
-PARITY_SAMPLE_SEED = 1234
-PARITY_SAMPLE_SHAPE = 4  # noise images whose expected probs ride in the metadata
 
 
 class ParityError(RuntimeError):
@@ -42,9 +46,7 @@ class ExportGraph(nn.Module):
     pca_mean: torch.Tensor
     pca_components: torch.Tensor
 
-    def __init__(
-        self, net: nn.Module, pca_mean: torch.Tensor, pca_components: torch.Tensor
-    ) -> None:
+    def __init__(self, net: nn.Module, pca_mean: torch.Tensor, pca_components: torch.Tensor) -> None:
         super().__init__()
         self.net = net
         self.register_buffer("pca_mean", pca_mean.float())  # (D,)
@@ -84,9 +86,7 @@ class ExportResult:
 
 
 @torch.no_grad()
-def fit_pca(
-    net: nn.Module, images: torch.Tensor, k: int = MAX_FEATURES
-) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_pca(net: nn.Module, images: torch.Tensor, k: int = MAX_FEATURES) -> tuple[torch.Tensor, torch.Tensor]:
     """PCA of training embeddings: mean (D,) and the top-k components (k, D)."""
     net.eval()
     embs = torch.cat(
@@ -96,32 +96,6 @@ def fit_pca(
     k = max(1, min(k, embs.shape[1], len(embs) - 1))
     _, _, vh = torch.linalg.svd(embs - mean, full_matrices=False)
     return mean.float(), vh[:k].float()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def parity_sample_images(input_size: int) -> np.ndarray:
-    """Deterministic noise images (uint8 NHWC) that anyone can regenerate to check a model file."""
-    rng = np.random.default_rng(PARITY_SAMPLE_SEED)
-    return rng.integers(0, 256, (PARITY_SAMPLE_SHAPE, input_size, input_size, 3), dtype=np.uint8)
-
-
-def read_metadata(path: Path) -> dict[str, Any]:
-    """The kensa metadata of an ONNX file, JSON values decoded."""
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    out: dict[str, Any] = {}
-    for k, v in props.items():
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 def working_providers() -> list[str]:
@@ -163,9 +137,7 @@ def _probe_model() -> bytes:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
-    return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)]
-    ).SerializeToString()
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]).SerializeToString()
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:
@@ -249,10 +221,7 @@ def check_parity(
     with torch.no_grad():
         ref = (
             torch.cat(
-                [
-                    torch.softmax(net(images[i : i + 64].float() / 255.0), 1)
-                    for i in range(0, len(images), 64)
-                ]
+                [torch.softmax(net(images[i : i + 64].float() / 255.0), 1) for i in range(0, len(images), 64)]
             )
             .double()
             .numpy()
@@ -364,9 +333,7 @@ def build_metadata(loaded: LoadedModel, band: dict[str, Any], pca_dims: int) -> 
         "classes": loaded.classes,
         "input_size": loaded.input_size,
         "input_layout": "NHWC uint8 RGB",
-        "thresholds": {
-            k: band[k] for k in ("t_ok", "t_defect", "alpha", "delta", "guaranteed") if k in band
-        },
+        "thresholds": {k: band[k] for k in ("t_ok", "t_defect", "alpha", "delta", "guaranteed") if k in band},
         "band": band,
         "dataset_version": loaded.dataset_version,
         "training_config": loaded.config,

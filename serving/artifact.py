@@ -7,8 +7,6 @@ never from training code, and refuses a file that does not keep its own promises
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from models.contract import decode_metadata, parity_images
+from models.contract import sha256_file as file_sha256
 from models.qc import OK, verdicts
 
 
@@ -53,35 +53,6 @@ class ModelSpec:
     metadata: dict[str, Any]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def decode_metadata(proto: onnx.ModelProto) -> dict[str, Any]:
-    """The kensa metadata of a loaded ONNX model, JSON values decoded (as models.export does)."""
-    out: dict[str, Any] = {}
-    for prop in proto.metadata_props:
-        try:
-            out[prop.key] = json.loads(prop.value)
-        except json.JSONDecodeError:
-            out[prop.key] = prop.value
-    return out
-
-
-def parity_images(seed: int, n: int, size: int) -> np.ndarray:
-    """The parity sample's images (n, size, size, 3) uint8, regenerated from the metadata's seed.
-
-    The recipe is part of the artifact contract (models.export.parity_sample_images writes it);
-    repeating it here keeps serving free of torch. A unit test checks the two agree.
-    """
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-
-
 def _number(thresholds: dict[str, Any], key: str) -> float:
     value = thresholds.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -94,9 +65,7 @@ def read_spec(proto: onnx.ModelProto) -> ModelSpec:
     meta = decode_metadata(proto)
     classes = meta.get("classes")
     if not isinstance(classes, list) or len(classes) < 2 or classes[0] != OK:
-        raise ModelRefused(
-            "metadata", f"classes must be a list starting with 'ok'; got {classes!r}"
-        )
+        raise ModelRefused("metadata", f"classes must be a list starting with 'ok'; got {classes!r}")
     size = meta.get("input_size")
     if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 4096:
         raise ModelRefused("metadata", f"input_size must be an integer 8–4096; got {size!r}")
@@ -139,9 +108,7 @@ def check_signature(proto: onnx.ModelProto, spec: ModelSpec) -> None:
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     size = spec.input_size
     if len(inputs) != 1 or inputs[0].name != "images":
-        raise ModelRefused(
-            "signature", f"expected one input 'images'; got {[i.name for i in inputs]}"
-        )
+        raise ModelRefused("signature", f"expected one input 'images'; got {[i.name for i in inputs]}")
     images = inputs[0]
     if images.type.tensor_type.elem_type != onnx.TensorProto.UINT8:
         raise ModelRefused("signature", "input 'images' must be uint8")
@@ -172,8 +139,7 @@ def load_and_check(path: Path, expected_sha256: str | None) -> tuple[str, ModelS
     if expected_sha256 is not None and sha != expected_sha256.lower():
         raise ModelRefused(
             "sha256",
-            f"file hash {sha[:12]}… does not match the {expected_sha256[:12]}… "
-            "recorded at registration",
+            f"file hash {sha[:12]}… does not match the {expected_sha256[:12]}… recorded at registration",
         )
     try:
         onnx.checker.check_model(str(path))
@@ -198,9 +164,7 @@ def check_parity(
     got = np.asarray(run(images), dtype=np.float64)
     want = spec.parity.probs
     if got.shape != want.shape:
-        raise ModelRefused(
-            "parity", f"the model gave probs of shape {got.shape}, expected {want.shape}"
-        )
+        raise ModelRefused("parity", f"the model gave probs of shape {got.shape}, expected {want.shape}")
     diff = float(np.abs(got - want).max())
     limit = spec.parity.atol if atol is None else atol
     v_got, _ = verdicts(got, spec.classes, spec.t_ok, spec.t_defect)
