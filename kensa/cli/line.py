@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 from rich.markup import escape
@@ -100,3 +100,110 @@ def samples(
         _invalid(str(exc))
     for path in paths:
         console.print(f"wrote {escape(str(path))}")
+
+
+@app.command()
+def stream(
+    url: str = typer.Option(..., "--url", help="The service, e.g. http://127.0.0.1:8000."),
+    key: str = typer.Option(..., "--key", help="API key with the 'line' role (or higher)."),
+    n: int = typer.Option(..., "--n", help="Number of parts to send."),
+    rate: float | None = typer.Option(
+        None, "--rate", help="Parts per second (default: as fast as the service answers)."
+    ),
+    shift: list[str] = typer.Option(
+        [],
+        "--shift",
+        help="Line condition changed from part --shift-at on, name=value, repeatable: lighting, "
+        "colour_temp, blur, motion_blur, noise, camera_shift, rotation, glare, variant, "
+        "new_defect (a defect type), class_mix (defect share), defect_mix.",
+    ),
+    shift_at: int = typer.Option(0, "--shift-at", help="First shifted part (0 = all of them)."),
+    line_id: str = typer.Option("L1", "--line-id", help="Line id sent with every part."),
+    camera_id: str | None = typer.Option(
+        None, "--camera-id", help="Camera id sent with every part (C1/C2 also render that "
+        "camera); default: each part's own camera."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Stream seed; the same seed sends the same parts."),
+    image_size: int = typer.Option(64, "--image-size", help="Image side in pixels (32..1024)."),
+    concurrency: int = typer.Option(8, "--concurrency", help="Requests in flight at once."),
+    batch: int = typer.Option(
+        1, "--batch", help="Parts per request, 1..16 (>1 uses /v1/inspect/batch: faster)."
+    ),
+    retries: int = typer.Option(4, "--retries", help="Retries per part on connection errors/503."),
+) -> None:
+    """Send a simulated line's parts to a running service, optionally shifting a condition."""
+    from kensa.cli.stream import StreamError, run_stream
+    from models.line.stream import StreamPlan, parse_shifts
+
+    if n < 1:
+        _invalid(f"--n {n}; send at least 1 part")
+    if shift_at and not shift:
+        _invalid("--shift-at needs at least one --shift name=value")
+    if not 0 <= shift_at < max(n, 1):
+        _invalid(f"--shift-at {shift_at} is outside the stream's parts 0..{n - 1}")
+    try:
+        plan = StreamPlan(
+            n=n,
+            seed=seed,
+            image_size=image_size,
+            line=line_id,
+            camera=camera_id if camera_id in ("C1", "C2") else None,
+            shift=parse_shifts(shift),
+            shift_at=shift_at,
+        )
+    except ValueError as exc:
+        _invalid(str(exc))
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[verdicts]}"),
+        TimeRemainingColumn(),
+    )
+    counts: Counter[str] = Counter()
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("sending", total=n, verdicts="")
+
+        def tick(result: Any) -> None:
+            counts[result.verdict or "error"] += 1
+            shown = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+            progress.update(task, advance=1, verdicts=shown)
+
+        try:
+            summary = run_stream(
+                plan, url, key, rate=rate, concurrency=concurrency, batch=batch, retries=retries,
+                line_id=line_id, camera_id=camera_id, progress=tick,
+            )
+        except StreamError as exc:
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+            raise typer.Exit(EXIT_INVALID if exc.invalid else 1) from None
+    _print_summary(summary)
+    if summary.errors:
+        raise typer.Exit(1)
+
+
+def _print_summary(summary: Any) -> None:
+    plan = summary.plan
+    shifted = ", ".join(f"{k}={v}" for k, v in plan.shift.items())
+    title = f"{len(summary.results)} parts of line {plan.line}, seed {plan.seed}" + (
+        f"; {shifted} from part {plan.shift_at}" if shifted else ""
+    )
+    table = Table(title=title)
+    for col in ("model version", "phase", "parts", "ok", "defect", "review", "escapes",
+                "false rejects"):
+        table.add_column(col, justify="left" if col in ("model version", "phase") else "right")
+    for row in summary.by_model():
+        table.add_row(
+            escape(row["model"]), row["phase"], str(row["parts"]), str(row["ok"]),
+            str(row["defect"]), str(row["review"]), f"{row['escapes']}/{row['defective']}",
+            f"{row['false_rejects']}/{row['good']}",
+        )
+    console.print(table)
+    rate = len(summary.results) / summary.seconds if summary.seconds else 0.0
+    console.print(
+        f"{len(summary.judged)} judged, {len(summary.errors)} failed, {summary.retries} retries "
+        f"in {summary.seconds:.1f} s ({rate:.0f} parts/s); idempotency keys {summary.run_key}-*"
+    )
+    for failed in summary.errors[:5]:
+        err_console.print(f"[red]part {failed.part_id}:[/red] {escape(failed.error or '')}")

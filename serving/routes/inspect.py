@@ -79,7 +79,8 @@ def _media_type(request: Request) -> str:
 
 async def _form(request: Request, max_files: int) -> FormData:
     try:
-        return await request.form(max_files=max_files, max_fields=16)
+        # One optional part_id per image, plus the few shared text fields (line_id, camera_id).
+        return await request.form(max_files=max_files, max_fields=max_files + 8)
     except MultiPartException as exc:
         raise ApiError(
             400, "bad_multipart", f"the multipart body cannot be parsed ({exc})"
