@@ -23,6 +23,7 @@ from kensa.settings import Settings
 from kensa.store.engine import make_engine, make_session_factory
 from kensa.store.migrate import upgrade
 from serving.auth import AuthMiddleware, KeyCache, route_template
+from serving.console import mount_console
 from serving.errors import ApiError, error_body
 from serving.limits import BodyLimitMiddleware
 from serving.metrics import Metrics
@@ -189,6 +190,7 @@ def create_app(
     for router in routers:
         app.include_router(router)
     _install_error_handlers(app)
+    mount_console(app, settings, sessions)  # /console: people, session cookies (serving.console.guard)
     # The routes as declared (FastAPI wraps included ones), for matching a request to its policy.
     routes: list[BaseRoute] = [r for router in routers for r in router.routes]
     routes += [r for r in app.router.routes if isinstance(r, Route)]

@@ -49,6 +49,54 @@ POLICY: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/openapi.json"): ALL_ROLES,
 }
 
+# The operator console (serving/console) is for people: they sign in once with an API key and then
+# carry a signed session cookie, so its routes are checked by the console's own guard against the
+# tables below, deny-by-default like POLICY. AuthMiddleware leaves this prefix to that guard: a
+# bearer key is never accepted there, and the console cookie is accepted nowhere else (so no API
+# route can be driven by a forged cross-site form).
+CONSOLE_PREFIX = "/console"
+PEOPLE = READERS  # every role but the machine role "line" may sign in to the console
+LABELLERS = frozenset({"operator", "data-scientist", "admin"})
+ALERT_HANDLERS = frozenset({"operator", "data-scientist", "admin"})
+# May press approve/reject/rollback; the project's [approval] policy then decides (roles, two-person).
+DECIDERS = frozenset({"operator", "data-scientist", "admin"})
+
+CONSOLE_PUBLIC: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("GET", "/console/login"),
+        ("POST", "/console/login"),
+        ("GET", "/console/static/{path:path}"),
+    }
+)
+
+CONSOLE_POLICY: dict[tuple[str, str], frozenset[str]] = {
+    ("GET", "/console"): PEOPLE,
+    ("POST", "/console/logout"): PEOPLE,
+    ("GET", "/console/review"): READERS,
+    ("GET", "/console/review/{item_id}/image"): READERS,
+    ("POST", "/console/review/{item_id}/label"): LABELLERS,
+    ("GET", "/console/alerts"): READERS,
+    ("GET", "/console/alerts/{alert_id}"): READERS,
+    ("GET", "/console/alerts/{alert_id}/report"): READERS,
+    ("POST", "/console/alerts/{alert_id}/acknowledge"): ALERT_HANDLERS,
+    ("POST", "/console/alerts/{alert_id}/escalate"): ALERT_HANDLERS,
+    ("POST", "/console/alerts/{alert_id}/resolve"): ALERT_HANDLERS,
+    ("GET", "/console/models"): READERS,
+    ("GET", "/console/models/compare"): READERS,
+    ("GET", "/console/models/{version}"): READERS,
+    ("GET", "/console/models/{version}/artifacts/{path:path}"): READERS,
+    ("POST", "/console/models/{version}/approve"): DECIDERS,
+    ("POST", "/console/models/{version}/reject"): DECIDERS,
+    ("POST", "/console/models/rollback"): DECIDERS,
+    ("GET", "/console/line"): READERS,
+    ("GET", "/console/line/panel"): READERS,
+}
+
+
+def is_console_path(path: str) -> bool:
+    return path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + "/")
+
+
 # How long an authenticated key is trusted without asking the store again (seconds). A revoked
 # key stops working within this time; a lookup per request would put the store on the hot path.
 KEY_CACHE_S = 10.0
@@ -138,6 +186,9 @@ class AuthMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if is_console_path(scope["path"]):
+            await self.app(scope, receive, send)  # the console's guard checks CONSOLE_POLICY
             return
         template = route_template(self.routes, scope)
         if template is None:

@@ -1,0 +1,40 @@
+"""What the console's pages share, attached to the console app as ``app.state.console``."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from sqlalchemy.orm import Session, sessionmaker
+
+from kensa.settings import Settings
+from serving.console.web import Pages
+
+if TYPE_CHECKING:
+    from serving.console.registry_view import RegistryView
+
+CurrentModel = Callable[[], dict[str, Any] | None]
+RefreshChampion = Callable[[str], Awaitable[str]]
+
+
+@dataclass
+class Console:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    pages: Pages
+    current_model: CurrentModel  # the model the inference app serves now (describe()), if any
+    refresh_champion: RefreshChampion  # look at the champion alias now; a sentence for people
+
+    @cached_property
+    def registry(self) -> RegistryView:
+        from serving.console.registry_view import RegistryView  # MLflow: only when used
+
+        return RegistryView(self.settings)
+
+
+def console_of(request: Request) -> Console:
+    found: Console = request.app.state.console
+    return found

@@ -1,0 +1,1 @@
+"""Console routes, one module per page: sign-in, review queue, alerts, models, line."""
