@@ -135,35 +135,31 @@ def _groups(ds: DatasetVersion, split: str) -> dict[str, list[str | None]]:
     return groups
 
 
-def evaluate_run(
+def evaluate_predictor(
+    predict: Predictor,
+    ds: DatasetVersion,
     run_dir: Path,
-    data_root: Path | None = None,
+    *,
+    input_size: int,
+    model_name: str,
+    trained_on_dataset_version: str | None = None,
     corruptions: bool = False,
     policy: BandPolicy | None = None,
-    reference: Path | None = None,
+    reference_report: dict[str, Any] | None = None,
     max_robustness_images: int = 256,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate ``run_dir`` on its dataset: calibrate the band, measure the test split, plot.
+    """Evaluate any model, given as ``predict`` (uint8 (N,3,S,S) → probs (N,C) in ``ds.classes``).
 
-    Writes ``band.json``, ``metrics.json`` and PNGs under ``run_dir/plots``; returns the metrics.
+    The one QC evaluation every model goes through (a kensa run, a data scientist's own module, a
+    foreign ONNX graph): calibrate the band, measure the test split, plot, and optionally run the
+    corruption suite. Writes ``band.json``, ``metrics.json`` and PNGs under ``run_dir/plots``.
     """
     policy = policy or BandPolicy()
-    loaded = load_checkpoint(run_dir)
-    ds = load_dataset(data_root or loaded.dataset_root)
-    if list(ds.classes) != loaded.classes:
-        msg = f"dataset classes {list(ds.classes)} differ from the model's {loaded.classes}"
-        raise ValueError(msg)
-    # Evaluating on another dataset version is allowed (new data from the line); metrics.json
-    # records both versions, and the band is calibrated on the data evaluated here.
-    size = loaded.input_size
-
-    def predict(images: torch.Tensor) -> np.ndarray:
-        return predict_probs(loaded.model, images)
-
-    calib = split_tensors(ds, "calibration", size)
-    test = split_tensors(ds, "test", size)
-    classes = loaded.classes
+    run_dir.mkdir(parents=True, exist_ok=True)
+    calib = split_tensors(ds, "calibration", input_size)
+    test = split_tensors(ds, "test", input_size)
+    classes = list(ds.classes)
     ok_idx = classes.index("ok")
     calib_probs = predict(calib.images)
     band = calibrate_band(
@@ -182,10 +178,10 @@ def evaluate_run(
         probs, labels, classes, band.t_ok, band.t_defect, _groups(ds, "test")
     )
     metrics["band"] = band.to_dict()
-    metrics["model"] = loaded.model_name
+    metrics["model"] = model_name
     metrics["classes"] = classes
     metrics["dataset_version"] = ds.version
-    metrics["trained_on_dataset_version"] = loaded.dataset_version
+    metrics["trained_on_dataset_version"] = trained_on_dataset_version
     curve = escape_automation_curve(probs, labels, classes)
     metrics["escape_automation_curve"] = curve
 
@@ -202,14 +198,6 @@ def evaluate_run(
     plot_escape_curve(curve, metrics, plots / "escape_vs_automation.png")
 
     if corruptions:
-        ref_report = None
-        if reference is not None:
-            ref_metrics = json.loads((reference / METRICS_NAME).read_text())
-            ref_report = ref_metrics.get("robustness")
-            if ref_report is None:
-                msg = f"reference {reference} has no robustness section; evaluate it with --corruptions"
-                raise ValueError(msg)
-            ref_report = {**ref_report, "model": ref_metrics.get("model")}
         # Corruptions run on a fixed, seeded subset so every model size sees the same parts.
         idx = np.random.default_rng(0).permutation(len(labels))[:max_robustness_images]
         idx.sort()
@@ -219,7 +207,7 @@ def evaluate_run(
             labels[idx],
             classes,
             band,
-            ref_report,
+            reference_report,
             show_progress=show_progress,
         )
         plot_robustness_heatmap(metrics["robustness"], "error", plots / "robustness_error.png")
@@ -228,3 +216,53 @@ def evaluate_run(
         )
     _write_json(run_dir / METRICS_NAME, metrics)
     return metrics
+
+
+def load_reference_report(reference: Path) -> dict[str, Any]:
+    """The robustness report of an evaluated run dir, as relative CE's reference."""
+    ref_metrics = json.loads((reference / METRICS_NAME).read_text())
+    ref_report = ref_metrics.get("robustness")
+    if ref_report is None:
+        msg = f"reference {reference} has no robustness section; evaluate it with --corruptions"
+        raise ValueError(msg)
+    return {**ref_report, "model": ref_metrics.get("model")}
+
+
+def evaluate_run(
+    run_dir: Path,
+    data_root: Path | None = None,
+    corruptions: bool = False,
+    policy: BandPolicy | None = None,
+    reference: Path | None = None,
+    max_robustness_images: int = 256,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``run_dir`` on its dataset: calibrate the band, measure the test split, plot.
+
+    Writes ``band.json``, ``metrics.json`` and PNGs under ``run_dir/plots``; returns the metrics.
+    """
+    loaded = load_checkpoint(run_dir)
+    ds = load_dataset(data_root or loaded.dataset_root)
+    if list(ds.classes) != loaded.classes:
+        msg = f"dataset classes {list(ds.classes)} differ from the model's {loaded.classes}"
+        raise ValueError(msg)
+    # Evaluating on another dataset version is allowed (new data from the line); metrics.json
+    # records both versions, and the band is calibrated on the data evaluated here.
+    ref_report = load_reference_report(reference) if corruptions and reference is not None else None
+
+    def predict(images: torch.Tensor) -> np.ndarray:
+        return predict_probs(loaded.model, images)
+
+    return evaluate_predictor(
+        predict,
+        ds,
+        run_dir,
+        input_size=loaded.input_size,
+        model_name=loaded.model_name,
+        trained_on_dataset_version=loaded.dataset_version,
+        corruptions=corruptions,
+        policy=policy,
+        reference_report=ref_report,
+        max_robustness_images=max_robustness_images,
+        show_progress=show_progress,
+    )

@@ -154,7 +154,8 @@ def run_onnx(sess: ort.InferenceSession, images_nhwc: np.ndarray, batch: int = 6
     return np.concatenate(outs).astype(np.float64)
 
 
-def _parity_images(calib: torch.Tensor, test: torch.Tensor, n: int) -> torch.Tensor:
+def parity_pool(calib: torch.Tensor, test: torch.Tensor, n: int) -> torch.Tensor:
+    """At least ``n`` in-distribution images (calibration + test parts) to compare graphs on."""
     pool = torch.cat([calib, test])
     # Fewer than n real parts: add flipped copies, which are still in-distribution images.
     variants = [pool, pool.flip(-1), pool.flip(-2), pool.flip(-1, -2)]
@@ -246,6 +247,25 @@ def check_parity(
     }
 
 
+def parity_sample_metadata(net: nn.Module, input_size: int) -> dict[str, Any]:
+    """The parity sample's expected probabilities, computed by the source model (PyTorch eager).
+
+    Serving regenerates the noise images from (seed, n) and refuses a file whose graph no longer
+    gives these probabilities.
+    """
+    sample = parity_sample_images(input_size)
+    with torch.no_grad():
+        sample_probs = torch.softmax(
+            net(torch.from_numpy(sample).permute(0, 3, 1, 2).float() / 255.0), 1
+        )
+    return {
+        "seed": PARITY_SAMPLE_SEED,
+        "n": PARITY_SAMPLE_SHAPE,
+        "probs": np.round(sample_probs.numpy().astype(np.float64), 6).tolist(),
+        "atol": 1e-3,
+    }
+
+
 def export_run(
     run_dir: Path,
     out: Path,
@@ -265,7 +285,30 @@ def export_run(
         msg = f"{band_path} is missing; run `kensa evaluate {run_dir}` first to calibrate the band"
         raise FileNotFoundError(msg)
     band = json.loads(band_path.read_text())
-    loaded = load_checkpoint(run_dir)
+    return export_loaded(
+        load_checkpoint(run_dir),
+        band,
+        out,
+        fp16=fp16,
+        int8=int8,
+        parity_images=parity_images,
+        variant_tolerance=variant_tolerance,
+    )
+
+
+def export_loaded(
+    loaded: LoadedModel,
+    band: dict[str, Any],
+    out: Path,
+    fp16: bool = False,
+    int8: bool = False,
+    parity_images: int = 256,
+    variant_tolerance: float = 0.01,
+) -> ExportResult:
+    """Export any loaded model (a kensa run or a data scientist's own module) with parity.
+
+    ``band`` is the calibrated review band (``band.json``) the model was evaluated with.
+    """
     ds = load_dataset(loaded.dataset_root)
     size = loaded.input_size
     train_imgs = split_tensors(ds, "train", size).images[:1024]
@@ -273,19 +316,9 @@ def export_run(
     test = split_tensors(ds, "test", size)
     pca = fit_pca(loaded.model, train_imgs)
     metadata = build_metadata(loaded, band, pca_dims=int(pca[1].shape[0]))
-    sample = parity_sample_images(size)
-    with torch.no_grad():
-        sample_probs = torch.softmax(
-            loaded.model(torch.from_numpy(sample).permute(0, 3, 1, 2).float() / 255.0), 1
-        )
-    metadata["parity_sample"] = {
-        "seed": PARITY_SAMPLE_SEED,
-        "n": PARITY_SAMPLE_SHAPE,
-        "probs": np.round(sample_probs.numpy().astype(np.float64), 6).tolist(),
-        "atol": 1e-3,
-    }
+    metadata["parity_sample"] = parity_sample_metadata(loaded.model, size)
     export_onnx_file(loaded.model, size, out, metadata, pca)
-    images = _parity_images(calib.images, test.images, parity_images)
+    images = parity_pool(calib.images, test.images, parity_images)
     parity = check_parity(loaded.model, out, images, loaded.classes, band)
     report_path = out.with_suffix(".parity.json")
     report_path.write_text(json.dumps(parity, indent=2))

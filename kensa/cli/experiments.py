@@ -1,0 +1,175 @@
+"""`kensa register` and `kensa compare`: a data scientist's own model through the same gates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from kensa.cli.common import EXIT_INVALID, console, err_console, get_settings
+
+EXIT_GATE = 3  # the model was evaluated and missed a gate (as `kensa pilot` does)
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(EXIT_INVALID)
+
+
+def _triple(text: str | None, what: str) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise _fail(f"--{what} takes three numbers R,G,B (e.g. 0.485,0.456,0.406); got {text!r}")
+    return values[0], values[1], values[2]
+
+
+def _params(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise _fail(f"--param takes KEY=VALUE; got {pair!r}")
+        out[key.strip()] = value
+    return out
+
+
+def _print_gate(gate: dict[str, Any], title: str) -> None:
+    table = Table(title=title)
+    for col in ("gate", "target", "achieved", ""):
+        table.add_column(col, justify="left" if col == "gate" else "right")
+    for row in gate["rows"]:
+        mark = "[green]passed[/green]" if row["passed"] else "[red]missed[/red]"
+        table.add_row(row["kpi"], row["target"], row["achieved"], mark)
+    console.print(table)
+
+
+def register_cmd(
+    model: Path = typer.Argument(..., help="ONNX file, TorchScript file, kensa checkpoint or state dict."),
+    data: Path = typer.Option(..., "--data", help="Ingested dataset folder to judge it on."),
+    name: str | None = typer.Option(None, "--name", help="Experiment name (default: the file name)."),
+    arch: str | None = typer.Option(None, "--arch", help="Zoo architecture of a state dict."),
+    mean: str | None = typer.Option(None, "--mean", help="ONNX float input: R,G,B mean on [0,1]."),
+    std: str | None = typer.Option(None, "--std", help="ONNX float input: R,G,B std on [0,1]."),
+    by: str | None = typer.Option(None, "--by", help="Who registers it (default: you)."),
+    param: list[str] = typer.Option([], "--param", help="KEY=VALUE logged with the run; repeatable."),
+    config: Path | None = typer.Option(None, "--config", help="kensa.toml with the KPI."),
+) -> None:
+    """Judge an existing model like a flow-made one; register it as candidate if it passes."""
+    settings = get_settings()
+    from kensa.cli.flows import prepare_prefect
+
+    prepare_prefect(settings)  # flows import Prefect, which reads its home at import
+    from flows.config import ConfigError
+    from flows.experiments import IncompatibleModelError, register_model
+    from models.data import DatasetError
+    from models.zoo import IMAGENET_MEAN, IMAGENET_STD
+
+    mean_v, std_v = _triple(mean, "mean") or IMAGENET_MEAN, _triple(std, "std") or IMAGENET_STD
+    try:
+        result = register_model(
+            model,
+            dataset=data,
+            name=name,
+            arch=arch,
+            mean=mean_v,
+            std=std_v,
+            params=_params(param),
+            registered_by=by,
+            config=config,
+            settings=settings,
+        )
+    except IncompatibleModelError as exc:
+        raise _fail(f"{model.name} cannot be registered: {exc}") from None
+    except (ConfigError, DatasetError, ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    from kensa.cli.modeling import print_band, print_parity
+
+    console.print(f"[bold]{result.name}[/bold] ({result.extra['file_kind']}): {result.extra['signature']}")
+    print_band(result.band)
+    if "max_abs_prob_diff" in result.parity:
+        print_parity(result.parity)
+    _print_gate(result.gate, f"gates for {result.name} (MLflow run {result.run_id[:8]})")
+    if not result.passed:
+        err_console.print(
+            "[red]not registered[/red]: "
+            + "; ".join(result.reasons)
+            + f"\nthe evidence stays in MLflow run {result.run_id}"
+        )
+        raise typer.Exit(EXIT_GATE)
+    cost = result.serving_cost_per_million or 0.0
+    console.print(
+        f"[bold]candidate[/bold]: {result.registry_name} version {result.model_version} "
+        f"({result.latency_ms_per_image or 0:.2f} ms/image, {cost:.3f} {result.currency} per million parts)"
+    )
+    console.print(f"approve with: kensa approve {result.model_version} --by NAME --reason TEXT")
+
+
+def _fmt(value: float | None, kind: str) -> str:
+    if value is None:
+        return "-"
+    return {"pct": f"{value:.2%}", "pct1": f"{value:.1%}", "ratio": f"{value:.2f}", "ms": f"{value:.3f}"}.get(
+        kind, f"{value:.3f}"
+    )
+
+
+def compare_cmd(
+    version_a: str = typer.Argument(..., help="First version (the reference for relative CE)."),
+    version_b: str = typer.Argument(..., help="Second version."),
+    name: str | None = typer.Option(None, "--name", help="Registered model name (default: the project's)."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for the plot and JSON report."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Dataset (default: the one version A was judged on)."
+    ),
+    max_images: int | None = typer.Option(None, "--max-images", min=8, help="Parts in the corruption suite."),
+    config: Path | None = typer.Option(None, "--config", help="kensa.toml (serving plan, registry name)."),
+) -> None:
+    """Two registry versions side by side: same test parts, same corrupted copies, same clock."""
+    settings = get_settings()
+    from kensa.cli.flows import prepare_prefect
+
+    prepare_prefect(settings)
+    from flows.comparison import CompareError, compare_versions
+    from flows.config import ConfigError
+    from models.data import DatasetError
+
+    try:
+        result = compare_versions(
+            version_a,
+            version_b,
+            name=name,
+            data=data,
+            out=out,
+            config=config,
+            settings=settings,
+            max_robustness_images=max_images,
+        )
+    except (CompareError, ConfigError, DatasetError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    c = result.comparison
+    a, b = c.rows
+    table = Table(title=f"{a.label} vs {b.label} on {c.n_test} test parts ({c.n_corrupted} corrupted)")
+    table.add_column("")
+    for row in (a, b):
+        table.add_column(f"{row.label} {row.model_name} ({row.input_size}px)", justify="right")
+    lines = [
+        ("escape rate", "escape_rate", "pct"),
+        ("false reject rate", "false_reject_rate", "pct"),
+        ("automation rate", "automation_rate", "pct1"),
+        ("corrupted escape rate", "corrupted_escape_rate", "pct"),
+        (f"relative CE (vs {a.label})", "relative_ce", "ratio"),
+        ("latency ms/image", "latency_ms_per_image", "ms"),
+        (f"cost per million parts ({c.currency})", "cost_per_million", "money"),
+    ]
+    for label, key, kind in lines:
+        table.add_row(label, _fmt(getattr(a, key), kind), _fmt(getattr(b, key), kind))
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(f"plot: {result.plot}  report: {result.report}")
