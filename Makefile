@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= .kensa/demo
 
-.PHONY: install demo test lint samples clean
+.PHONY: install demo demo-up test lint samples clean chromium screenshots
 
 # Create the venv and install kensa with its dev tools. pip takes torch and torchvision from this
 # machine's local wheels (the pinned versions); re-runs only when pyproject.toml changes.
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -22,15 +22,30 @@ install: $(STAMP)
 demo: install
 	$(BIN)/kensa demo --out $(DEMO_DIR)
 
+# The same loop, then serving and the console stay up (Ctrl-C stops them).
+demo-up: install
+	$(BIN)/kensa demo --out $(DEMO_DIR) --up
+
 lint: install
 	$(BIN)/ruff check kensa models flows serving monitoring tests bench
-	$(BIN)/mypy kensa models flows serving
+	$(BIN)/mypy kensa models flows serving monitoring
 
-test: install lint
+test: install lint chromium
 	$(BIN)/pytest -q
 
 samples: install
 	$(BIN)/kensa line samples --out docs/images
+
+# The console's browser tests drive Debian's Chromium, never a browser Playwright downloads.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@test -x $(CHROMIUM) || $(SUDO) apt-get install -y -q chromium chromium-driver \
+		|| ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver)
+
+# One screenshot per console page (docs/screenshots/*.png, shown in the README).
+screenshots: install chromium
+	$(BIN)/python tests/e2e/screenshots.py --out docs/screenshots
 
 clean:
 	rm -rf $(VENV) .kensa .pytest_cache .mypy_cache .ruff_cache

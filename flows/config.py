@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kensa.approvals import Approval
 from kensa.settings import DEFAULT_CLASSES
 
 
@@ -86,11 +87,6 @@ class ServingPlan(_Strict):
     planned_life_days: int = Field(365, ge=1)
     cost_per_hour: float = Field(0.40, ge=0, description="Serving host price per hour.")
     batch_size: int = Field(8, ge=1)
-
-
-class Approval(_Strict):
-    two_person: bool = True
-    approver_roles: list[str] = Field(default_factory=lambda: ["admin", "operator"])
 
 
 class ProjectConfig(_Strict):

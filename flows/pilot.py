@@ -127,6 +127,20 @@ def pilot(
     if continue_to_sweep:
         from flows.sweep import sweep
 
+        # The pilot is one point of the sweep's grid when its config matches one exactly: the
+        # sweep takes it over instead of training and paying for it a second time.
+        s = ctx.config.sweep
+        same = p.model in s.models and p.fraction in s.fractions and p.epochs == s.epochs
+        reuse = (
+            {
+                "key": f"{p.model}@{p.fraction:g}",
+                "outcome": outcome.to_dict(),
+                "run_id": run_id,
+                "cost": cost.cost,
+            }
+            if same and not outcome.train.get("stopped_early", False)
+            else None
+        )
         summary["sweep"] = sweep(
             data=str(data_root),
             config_path=config_path,
@@ -135,6 +149,7 @@ def pilot(
             seed=seed,
             parent_run_id=run_id,
             registered_by=registered_by,
+            reuse=reuse,
         )
         if wait_for_approval:
             from flows.approval import wait_for_approval as wait

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +14,18 @@ import mlflow
 import onnx
 from mlflow.tracking import MlflowClient
 
-from flows.config import Approval
 from kensa import __version__
+from kensa.approvals import (  # re-exported: flows call them from here
+    TAG_PREVIOUS_CHAMPION,
+    Approval,
+    ApprovalError,
+    approve,
+    audit_model_event,
+    reject,
+    rollback,
+)
 from kensa.registry import (
     ALIAS_CANDIDATE,
-    ALIAS_CHAMPION,
     MODEL_ARTIFACT,
     ONNX_FILE,
     TAG_CODE_VERSION,
@@ -31,15 +40,10 @@ from kensa.registry import (
     TAG_THRESHOLDS,
 )
 from kensa.settings import Settings
-from kensa.store.audit import append_event
-from kensa.store.connect import open_store
 from models.export import read_metadata, sha256_file, working_providers
+from monitoring.reference import REFERENCE_ARTIFACT_DIR, REFERENCE_FILE, TAG_REFERENCE
 
-TAG_PREVIOUS_CHAMPION = "kensa.previous_champion"
-
-
-class ApprovalError(PermissionError):
-    """An approval the policy does not allow (role, two-person rule, wrong state)."""
+log = logging.getLogger("kensa.flows.registry")
 
 
 @dataclass(frozen=True)
@@ -59,11 +63,15 @@ def register_candidate(
     cost: dict[str, Any],
     parity: dict[str, Any],
     settings: Settings,
+    reference: Path | None = None,
 ) -> Registered:
     """Log the ONNX file to the active run, register it and point ``candidate`` at it.
 
     The SHA-256 recorded is that of the file as stored in the registry, which is what serving
-    verifies after download.
+    verifies after download. ``reference`` is the drift monitor's reference profile
+    (``monitoring.reference``); when None and the ONNX file sits in a training run directory, the
+    profile is built from that run's calibration split. It is logged to the run and named in the
+    version's ``kensa.reference`` tag; a model registered without one is registered unmonitored.
     """
     meta = read_metadata(onnx_path)
     info = mlflow.onnx.log_model(
@@ -72,6 +80,8 @@ def register_candidate(
         registered_model_name=name,
         save_as_external_data=False,
         onnx_execution_providers=working_providers(),
+        # Stated, not inferred: inference costs MLflow a subprocess and 5–10 s per registration.
+        pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={_ort_version()}"],
     )
     version = str(info.registered_model_version)
     client = MlflowClient()
@@ -90,10 +100,13 @@ def register_candidate(
         TAG_SOURCE: source,
         TAG_STATUS: "candidate",
     }
+    reference_uri = _log_reference(reference or _build_reference(onnx_path))
+    if reference_uri:
+        tags[TAG_REFERENCE] = reference_uri
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, ALIAS_CANDIDATE, version)
-    _audit(
+    audit_model_event(
         settings,
         registered_by,
         "model.register",
@@ -104,129 +117,50 @@ def register_candidate(
     return Registered(name, version, digest)
 
 
-def _audit(
-    settings: Settings, actor: str, action: str, name: str, version: str, details: dict[str, Any]
-) -> None:
-    factory = open_store(settings)
-    with factory() as session:
-        append_event(session, actor=actor, action=action, subject=f"model:{name}/{version}", details=details)
-        session.commit()
+def _ort_version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
 
 
-def _require_role(role: str, policy: Approval, verb: str) -> None:
-    if role not in policy.approver_roles:
-        msg = f"role {role!r} may not {verb}; allowed: {', '.join(policy.approver_roles)}"
-        raise ApprovalError(msg)
+def _build_reference(onnx_path: Path) -> Path | None:
+    """The calibration-split reference profile of the run that produced ``onnx_path``, if any."""
+    from models.train import CHECKPOINT_NAME, load_checkpoint
+    from monitoring.reference import build_reference
 
-
-def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    run_dir = onnx_path.parent
+    if not (run_dir / CHECKPOINT_NAME).is_file():
+        return None
     try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except mlflow.exceptions.MlflowException:
+        dataset_root = load_checkpoint(run_dir).dataset_root
+        return build_reference(onnx_path, dataset_root).save(run_dir / REFERENCE_FILE)
+    except (OSError, ValueError, KeyError) as exc:
+        # Registration must not fail for want of a drift reference; the monitor says it is missing.
+        log.warning("event=reference_not_built onnx=%s error=%s", onnx_path, exc)
         return None
 
 
-def approve(
-    name: str,
-    version: str,
-    *,
-    by: str,
-    role: str,
-    reason: str,
-    policy: Approval,
-    settings: Settings,
-) -> str | None:
-    """Make ``version`` the champion; returns the previous champion's version (or None).
-
-    Policy: the approver's role must be allowed, and with two-person approval on, the person
-    who registered a model cannot approve it.
-    """
-    client = MlflowClient()
-    mv = client.get_model_version(name, version)
-    _require_role(role, policy, "approve models")
-    registrant = mv.tags.get(TAG_REGISTERED_BY, "")
-    if policy.two_person and registrant and registrant == by:
-        msg = (
-            f"two-person approval: {by} registered {name}/{version} and cannot approve it; "
-            "another person must"
-        )
-        raise ApprovalError(msg)
-    if mv.tags.get(TAG_STATUS) == "rejected":
-        msg = f"{name}/{version} was rejected; register a new candidate instead"
-        raise ApprovalError(msg)
-    if not reason.strip():
-        msg = "an approval needs a reason"
-        raise ApprovalError(msg)
-    previous = _alias_version(client, name, ALIAS_CHAMPION)
-    client.set_registered_model_alias(name, ALIAS_CHAMPION, version)
-    client.set_model_version_tag(name, version, TAG_STATUS, "approved")
-    if previous and previous != version:
-        client.set_model_version_tag(name, version, TAG_PREVIOUS_CHAMPION, previous)
-        client.set_model_version_tag(name, previous, TAG_STATUS, "retired")
-    if _alias_version(client, name, ALIAS_CANDIDATE) == version:
-        client.delete_registered_model_alias(name, ALIAS_CANDIDATE)
-    _audit(
-        settings,
-        by,
-        "model.approve",
-        name,
-        version,
-        {
-            "reason": reason,
-            "role": role,
-            "previous_champion": previous,
-            "sha256": mv.tags.get(TAG_SHA256),
-        },
-    )
-    return previous
+def _log_reference(path: Path | None) -> str | None:
+    """Log a reference profile to the active run as ``monitoring/reference.npz``; its URI."""
+    if path is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        named = Path(tmp) / REFERENCE_FILE
+        shutil.copyfile(path, named)
+        mlflow.log_artifact(str(named), REFERENCE_ARTIFACT_DIR)
+    run = mlflow.active_run()  # log_artifact starts one if the caller had none
+    if run is None:
+        return None
+    return f"runs:/{run.info.run_id}/{REFERENCE_ARTIFACT_DIR}/{REFERENCE_FILE}"
 
 
-def reject(
-    name: str,
-    version: str,
-    *,
-    by: str,
-    role: str,
-    reason: str,
-    policy: Approval,
-    settings: Settings,
-) -> None:
-    """Mark a candidate rejected (it keeps its history; it never gets an alias again)."""
-    client = MlflowClient()
-    _require_role(role, policy, "reject models")
-    if _alias_version(client, name, ALIAS_CHAMPION) == version:
-        msg = f"{name}/{version} is the champion; roll back or approve another version first"
-        raise ApprovalError(msg)
-    client.get_model_version(name, version)  # raises for an unknown version
-    client.set_model_version_tag(name, version, TAG_STATUS, "rejected")
-    if _alias_version(client, name, ALIAS_CANDIDATE) == version:
-        client.delete_registered_model_alias(name, ALIAS_CANDIDATE)
-    _audit(settings, by, "model.reject", name, version, {"reason": reason, "role": role})
-
-
-def rollback(
-    name: str, *, by: str, role: str, reason: str, policy: Approval, settings: Settings
-) -> tuple[str, str]:
-    """Point ``champion`` back at the version it replaced; returns (from, to)."""
-    client = MlflowClient()
-    _require_role(role, policy, "roll back")
-    current = _alias_version(client, name, ALIAS_CHAMPION)
-    if current is None:
-        msg = f"{name} has no champion to roll back"
-        raise ApprovalError(msg)
-    previous = client.get_model_version(name, current).tags.get(TAG_PREVIOUS_CHAMPION)
-    if not previous:
-        msg = f"{name}/{current} has no previous champion to return to"
-        raise ApprovalError(msg)
-    client.set_registered_model_alias(name, ALIAS_CHAMPION, previous)
-    client.set_model_version_tag(name, previous, TAG_STATUS, "approved")
-    client.set_model_version_tag(name, current, TAG_STATUS, "retired")
-    _audit(
-        settings,
-        by,
-        "model.rollback",
-        name,
-        previous,
-        {"reason": reason, "role": role, "from_version": current},
-    )
-    return current, previous
+__all__ = [
+    "TAG_PREVIOUS_CHAMPION",
+    "Approval",
+    "ApprovalError",
+    "Registered",
+    "approve",
+    "register_candidate",
+    "reject",
+    "rollback",
+]

@@ -31,9 +31,10 @@ from flows.common import (
 from flows.compute import Estimate, check_budget, estimate_training, place_trials
 from flows.distributed import processes_for
 from flows.gate import GateFailedError, corrupted_escape, evaluate_gate
-from flows.ledger import attach_model_version
+from flows.ledger import LedgerLine, attach_model_version
 from flows.plots import plot_cost_frontier, plot_scaling
 from flows.registry import register_candidate
+from flows.stages import StageOutcome
 from flows.tracking import log_dataset_input
 from models.data import load_dataset
 from models.scaling import effective_robustness, fit_power_law
@@ -115,8 +116,14 @@ def sweep(
     parent_run_id: str | None = None,
     registered_by: str = "kensa-sweep",
     source: str = "sweep",
+    reuse: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the grid, fit the curves, choose by TCO under the corrupted-data KPI, register it."""
+    """Run the grid, fit the curves, choose by TCO under the corrupted-data KPI, register it.
+
+    ``reuse`` is a stage that already ran with one grid point's exact config (the pilot, usually:
+    ``{"key": "small_cnn@0.5", "outcome": StageOutcome.to_dict(), "run_id": ..., "cost": ...}``);
+    that trial is taken from it instead of being trained and paid for a second time.
+    """
     logger = get_run_logger()
     ctx = flow_context(config_path)
     s = ctx.config.sweep
@@ -148,18 +155,21 @@ def sweep(
         log_dataset_input(data_root, ds.version, name=f"line-{ds.short_version}")
         grid = [(m, f) for m in s.models for f in s.fractions]
         runs, futures = {}, {}
+        reused = _reused_outcome(reuse)
         for (model, fraction), est in zip(grid, estimates, strict=True):
             key = f"{model}@{fraction:g}"
-            child = ctx.client.create_run(
-                ctx.experiment_id,
-                run_name=key,
-                tags={
-                    "mlflow.parentRunId": sweep_run,
-                    "kensa.stage": "sweep-trial",
-                    "kensa.target": est.target,
-                },
-            )
+            tags = {
+                "mlflow.parentRunId": sweep_run,
+                "kensa.stage": "sweep-trial",
+                "kensa.target": est.target,
+            }
+            if reuse and key in reused:
+                tags["kensa.reused_from"] = str(reuse.get("run_id", ""))
+            child = ctx.client.create_run(ctx.experiment_id, run_name=key, tags=tags)
             runs[key] = (child.info.run_id, est.target)
+            if key in reused:
+                logger.info("trial %s reuses the run that already trained this exact config", key)
+                continue
             cfg = TrainConfig(
                 model=model,
                 epochs=s.epochs,
@@ -178,11 +188,17 @@ def sweep(
                 processes_for(ctx.config.targets[est.target]),
             )
         trials: list[Trial] = []
-        for key, future in futures.items():
-            outcome = future.result()
+        outcomes: dict[str, StageOutcome] = {}
+        for key in runs:
+            outcome = reused[key] if key in reused else futures[key].result()
+            outcomes[key] = outcome
             run_id, target = runs[key]
             log_outcome(ctx.client, run_id, outcome)
-            cost = record_stage_cost(ctx, run_id, "sweep", target, outcome.seconds)
+            if key in reused and reuse:  # already on the ledger under the run that trained it
+                paid = float(reuse["cost"])
+                cost = LedgerLine(run_id, "sweep", target, None, 0.0, paid, ctx.config.currency)
+            else:
+                cost = record_stage_cost(ctx, run_id, "sweep", target, outcome.seconds)
             gate = evaluate_gate(outcome.metrics, ctx.config.kpi, check_relative_ce=True)
             serve = serving_cost_per_million(ctx, outcome.latency_ms_per_image)
             rob = outcome.metrics["robustness"]
@@ -240,7 +256,7 @@ def sweep(
             )
             raise GateFailedError(msg)
         mlflow.set_tags({"kensa.sweep.chosen": chosen.key, "kensa.sweep.chosen_run": chosen.run_id})
-        outcome_dir = root / chosen.key.replace("@", "_f")
+        outcome_dir = outcomes[chosen.key].run_dir  # the pilot's folder when its trial was reused
         registered = register_candidate(
             outcome_dir / "model.onnx",
             ctx.config.name,
@@ -282,6 +298,14 @@ def sweep(
         "scaling_plot": str(scaling_png),
         "frontier_plot": str(frontier_png),
     }
+
+
+def _reused_outcome(reuse: dict[str, Any] | None) -> dict[str, StageOutcome]:
+    if not reuse:
+        return {}
+    raw = dict(reuse["outcome"])
+    raw["run_dir"], raw["onnx_path"] = Path(raw["run_dir"]), Path(raw["onnx_path"])
+    return {str(reuse["key"]): StageOutcome(**raw)}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The synthetic line's label set; a user's own line configures its own (KENSA_CLASSES).
@@ -65,6 +65,24 @@ class Settings(BaseSettings):
         2.0, ge=0, description="After SIGTERM, how long readiness answers 503 before serving stops."
     )
     session_secret: str = Field("", description="Console cookie signing key; empty = generated.")
+
+    # Monitoring: drift windows, the false-alarm budget, escalation of unhandled critical alerts.
+    drift_window: int = Field(200, ge=20, description="Parts per drift window (count windows).")
+    drift_window_s: float = Field(
+        3600.0, gt=0, description="Length of a time window in seconds (time windows)."
+    )
+    false_alarm_per_10k: float = Field(
+        1.0, gt=0, description="Drift alerts allowed per 10,000 in-distribution parts."
+    )
+    escalate_after_s: float = Field(
+        900.0, ge=0, description="An unacknowledged critical alert escalates after this long."
+    )
+    webhook_url: str = Field("", description="Where escalations are POSTed; empty = no webhook.")
+    webhook_secret: SecretStr = Field(
+        SecretStr(""), description="HMAC-SHA256 key signing escalation payloads."
+    )
+    webhook_attempts: int = Field(4, ge=1, le=10, description="Tries per escalation webhook.")
+    webhook_backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each try.")
 
     log_level: str = "INFO"
 

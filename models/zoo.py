@@ -110,18 +110,22 @@ def _efficientnet(ctor: Callable[..., tvm.EfficientNet], num_classes: int, small
     return QCNet(backbone, head, last.in_features)
 
 
-def _small_cnn(num_classes: int, small: bool) -> QCNet:
-    del small  # built for small inputs already
-    backbone, dim = small_cnn_backbone(width=24)
-    return QCNet(backbone, nn.Linear(dim, num_classes), dim)
+def _plain_cnn(width: int) -> Callable[[int, bool], QCNet]:
+    def build(num_classes: int, small: bool) -> QCNet:
+        del small  # built for small inputs already
+        backbone, dim = small_cnn_backbone(width=width)
+        return QCNet(backbone, nn.Linear(dim, num_classes), dim)
+
+    return build
 
 
 # Ordered smallest to largest (parameters with 6 classes):
-# ~0.7M, ~1.5M, ~4.2M, ~4.0M, ~11.2M, ~23.5M.
+# ~0.17M, ~0.7M, ~1.5M, ~4.2M, ~4.0M, ~11.2M, ~23.5M.
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in (
-        ZooEntry("small_cnn", _small_cnn, "~0.7M plain CNN for small inputs"),
+        ZooEntry("tiny_cnn", _plain_cnn(12), "~0.17M plain CNN, half the small CNN's width"),
+        ZooEntry("small_cnn", _plain_cnn(24), "~0.7M plain CNN for small inputs"),
         ZooEntry("mobilenet_v3_small", lambda c, s: _mobilenet(tvm.mobilenet_v3_small, c, s), "~1M"),
         ZooEntry("mobilenet_v3_large", lambda c, s: _mobilenet(tvm.mobilenet_v3_large, c, s), "~4M"),
         ZooEntry("efficientnet_b0", lambda c, s: _efficientnet(tvm.efficientnet_b0, c, s), "~4M"),

@@ -6,10 +6,11 @@ measures, on 127.0.0.1 with N concurrent clients:
 * in-process limit: decode + resize (thread pool) + onnxruntime at the best batch size, no HTTP;
 * kensa: ``kensa serve --model`` (auth, micro-batching, prediction log on SQLite);
 * naive: a FastAPI endpoint doing one decode and one ``session.run`` per request;
-* LitServe with dynamic batching, when the ``litserve`` package is installed (else skipped).
+* LitServe with its dynamic batching (same batch size and wait as kensa), when installed.
 
 Figures are printed as images/s, p50/p99 latency, and ratios to the in-process limit. The load
-generator runs on the same machine, so HTTP figures include its CPU use.
+generator runs on the same machine; it is ``wrk`` (C, Debian package ``wrk``) when present, so the
+clients take as little of the two cores as possible, else an httpx client in this process.
 
     .venv/bin/python bench/serving/bench_serving.py --models mobilenet_v3_small resnet18 \
         --sizes 224 1024 --seconds 10 --clients 16
@@ -23,6 +24,8 @@ import io
 import json
 import os
 import platform
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -164,7 +167,43 @@ NAIVE_APP = textwrap.dedent("""
 """)
 
 
-async def drive(
+WRK = shutil.which("wrk")
+LUA = Path(__file__).with_name("post_bodies.lua")
+
+
+def drive_wrk(
+    url: str, bodies: list[bytes], headers: dict[str, str], clients: int, seconds: float
+) -> dict[str, float]:
+    """Load ``url`` with wrk: ``clients`` connections over 2 threads, bodies rotated."""
+    assert WRK is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, body in enumerate(bodies):
+            Path(tmp, f"{i}.body").write_bytes(body)
+        cmd = [
+            WRK, "-t2", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(LUA), url,
+            "--", tmp, str(len(bodies)), headers.get("content-type", "application/octet-stream"),
+            headers.get("Authorization", ""),
+        ]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    ok = summary["requests"] - summary["non_2xx"]
+    return {
+        "images_per_s": ok / (summary["duration_us"] / 1e6),
+        "p50_ms": summary["p50_us"] / 1000,
+        "p99_ms": summary["p99_us"] / 1000,
+        "errors": summary["non_2xx"] + summary["socket_errors"],
+    }
+
+
+def drive(
+    url: str, parts: list[bytes], headers: dict[str, str], clients: int, seconds: float
+) -> dict[str, float]:
+    if WRK:
+        return drive_wrk(url, parts, headers, clients, seconds)
+    return asyncio.run(drive_httpx(url, parts, headers, clients, seconds))
+
+
+async def drive_httpx(
     url: str, parts: list[bytes], headers: dict[str, str], clients: int, seconds: float
 ) -> dict[str, float]:
     latencies: list[float] = []
@@ -195,6 +234,81 @@ async def drive(
         "p99_ms": q[98] * 1000,
         "errors": errors,
     }
+
+
+LITSERVE_APP = textwrap.dedent("""
+    import io, sys, numpy as np, onnxruntime as ort, litserve as ls
+    from PIL import Image
+
+    class Judge(ls.LitAPI):
+        def setup(self, device):
+            self.sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+
+        def decode_request(self, request):
+            img = Image.open(io.BytesIO(request["image"].file.read()))
+            img.draft("RGB", (224, 224))
+            return np.asarray(img.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR))
+
+        def batch(self, inputs):
+            return np.stack(inputs)
+
+        def predict(self, images):
+            return self.sess.run(["probs"], {"images": images})[0]
+
+        def unbatch(self, output):
+            return list(output)
+
+        def encode_response(self, probs):
+            return {"probs": probs.tolist()}
+
+    if __name__ == "__main__":
+        api = Judge(max_batch_size=int(sys.argv[3]), batch_timeout=float(sys.argv[4]))
+        server = ls.LitServer(api, accelerator="cpu", workers_per_device=1)
+        server.run(port=int(sys.argv[2]), generate_client_file=False, log_level="warning")
+""")
+
+
+def multipart(parts: list[bytes], field: str = "image") -> tuple[list[bytes], str]:
+    """The same JPEG parts as multipart/form-data bodies (what LitServe's form parsing takes)."""
+    boundary = "kensa-bench-boundary"
+    bodies = [
+        (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"part.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + part
+        + f"\r\n--{boundary}--\r\n".encode()
+        for part in parts
+    ]
+    return bodies, f"multipart/form-data; boundary={boundary}"
+
+
+def bench_litserve(model: Path, parts: list[bytes], clients: int, seconds: float) -> dict[str, float]:
+    from serving_helpers import free_port
+
+    from kensa.settings import Settings
+
+    settings = Settings()
+    port = free_port()
+    script = Path(tempfile.mkdtemp()) / "litserve_app.py"
+    script.write_text(LITSERVE_APP)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(model), str(port), str(settings.max_batch_size),
+         str(settings.max_wait_ms / 1000)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # LitServe spawns workers: stop the whole group afterwards
+    )  # fmt: skip
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", proc)
+        bodies, content_type = multipart(parts)
+        url = f"http://127.0.0.1:{port}/predict"
+        headers = {"content-type": content_type}
+        drive(url, bodies, headers, clients, 2)
+        return drive(url, bodies, headers, clients, seconds)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
@@ -237,8 +351,8 @@ def bench_kensa(
         wait_ready(f"http://127.0.0.1:{port}/v2/health/live", proc)
         headers = {"Authorization": f"Bearer {key}", "content-type": "image/jpeg"}
         url = f"http://127.0.0.1:{port}/v1/inspect"
-        asyncio.run(drive(url, parts, headers, clients, 2))  # warm-up
-        return asyncio.run(drive(url, parts, headers, clients, seconds))
+        drive(url, parts, headers, clients, 2)  # warm-up
+        return drive(url, parts, headers, clients, seconds)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -256,8 +370,9 @@ def bench_naive(model: Path, parts: list[bytes], clients: int, seconds: float) -
     try:
         wait_ready(f"http://127.0.0.1:{port}/docs", proc)
         url = f"http://127.0.0.1:{port}/predict"
-        asyncio.run(drive(url, parts, {}, clients, 2))
-        return asyncio.run(drive(url, parts, {}, clients, seconds))
+        headers = {"content-type": "image/jpeg"}
+        drive(url, parts, headers, clients, 2)
+        return drive(url, parts, headers, clients, seconds)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -269,24 +384,24 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 1024])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--no-litserve", action="store_true", help="Skip the LitServe comparison.")
     args = parser.parse_args()
     try:
         import litserve  # noqa: F401
 
-        has_litserve = True
+        has_litserve = not args.no_litserve
     except ImportError:
         has_litserve = False
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-        f"{args.clients} clients on 127.0.0.1, {args.seconds:g} s per run, CPU onnxruntime"
+        f"{args.clients} clients on 127.0.0.1 ({'wrk' if WRK else 'httpx'}), {args.seconds:g} s per run, "
+        "CPU onnxruntime"
     )
     if not has_litserve:
-        print("LitServe: not installed (pip install litserve) - skipped")
-    header = (
-        f"{'model':<20}{'part':>6}  {'limit img/s':>11}  {'kensa img/s':>11} {'ratio':>6} "
-        f"{'p50':>7} {'p99':>7}  {'naive img/s':>11} {'ratio':>6} {'p50':>7} {'p99':>7}"
-    )
-    rows = []
+        print("LitServe: skipped (not installed or --no-litserve)")
+    print("| model | part | limit img/s (batch) | kensa img/s | ratio | p50 / p99 ms "
+          "| naive img/s | ratio | p50 / p99 ms | LitServe img/s | ratio | p50 / p99 ms |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         for arch in args.models:
@@ -296,18 +411,22 @@ def main() -> None:
                 limit = in_process_limit(model, parts, args.seconds)
                 run_dir = tmp / f"{arch}-{size}"
                 run_dir.mkdir()
-                kensa = bench_kensa(model, parts, args.clients, args.seconds, run_dir)
-                naive = bench_naive(model, parts, args.clients, args.seconds)
-                rows.append((arch, size, limit, kensa, naive))
-                print(header if len(rows) == 1 else "", end="\n" if len(rows) == 1 else "")
+                results = [
+                    bench_kensa(model, parts, args.clients, args.seconds, run_dir),
+                    bench_naive(model, parts, args.clients, args.seconds),
+                ]
+                if has_litserve:
+                    results.append(bench_litserve(model, parts, args.clients, args.seconds))
                 lim = limit["images_per_s"]
-                cells = [f"{arch:<20}{size:>6}  {lim:>11.1f}"]
-                for r in (kensa, naive):
-                    cells.append(
-                        f"{r['images_per_s']:>11.1f} {r['images_per_s'] / lim:>5.2f}x "
-                        f"{r['p50_ms']:>6.1f}ms {r['p99_ms']:>5.0f}ms"
-                    )
-                print("  ".join(cells) + f"   (best batch {limit['batch']:.0f})", flush=True)
+                cells = [arch, str(size), f"{lim:.0f} ({limit['batch']:.0f})"]
+                for r in results:
+                    errors = f", {r['errors']:.0f} errors" if r["errors"] else ""
+                    cells += [
+                        f"{r['images_per_s']:.0f}",
+                        f"{r['images_per_s'] / lim:.2f}×",
+                        f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}{errors}",
+                    ]
+                print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,29 @@
-"""`kensa demo`: the main job on the embedded default, one stage after another, as a user runs it."""
+"""`kensa demo`: the whole loop on the embedded default, one stage after another, as users run it.
+
+line → pilot → KPI gate → sweep → candidate → approval (as ``demo-operator``) → serving on
+127.0.0.1 → the simulated line streams parts → a lighting drift begins → drift check: alert,
+review sample, retraining candidate → escalation through a signed webhook → summary.
+"""
 
 from __future__ import annotations
 
-import json
+import os
+import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import typer
 from rich.rule import Rule
 from rich.table import Table
 
-from kensa.cli.common import console
+from kensa.cli.common import console, get_settings
 
 # `kensa pilot` exits 3 when the KPI gate stops the flow: a result to show, not a crash.
 EXIT_GATE = 3
+OPERATOR = "demo-operator"
+DATA_SCIENTIST = "demo-data-scientist"
 
 
 def _run(args: list[str], allow: tuple[int, ...] = (0,)) -> int:
@@ -35,71 +44,178 @@ def _run(args: list[str], allow: tuple[int, ...] = (0,)) -> int:
     return code
 
 
+def _configure(webhook_url: str, webhook_secret: str) -> None:
+    """Settings for this demo: the webhook receiver, quick escalation; then rebuild Settings."""
+    defaults = {
+        "KENSA_WEBHOOK_URL": webhook_url,
+        "KENSA_WEBHOOK_SECRET": webhook_secret,
+        # An unacknowledged critical alert pages someone after 20 s in the demo (not an hour).
+        "KENSA_ESCALATE_AFTER_S": "20",
+        "KENSA_SESSION_SECRET": os.environ.get("KENSA_SESSION_SECRET") or secrets.token_hex(32),
+        "KENSA_CHAMPION_POLL_S": "2",
+    }
+    os.environ.update(defaults)
+    get_settings.cache_clear()
+
+
+def _versions(name: str) -> dict[str, str | None]:
+    from mlflow.tracking import MlflowClient
+
+    from kensa.registry import ALIAS_CANDIDATE, ALIAS_CHAMPION
+
+    client = MlflowClient(get_settings().resolved_mlflow_uri)
+    out: dict[str, str | None] = {}
+    for alias in (ALIAS_CHAMPION, ALIAS_CANDIDATE):
+        try:
+            out[alias] = str(client.get_model_version_by_alias(name, alias).version)
+        except Exception:  # no such alias yet
+            out[alias] = None
+    return out
+
+
+def _store_figures(since: Any) -> dict[str, Any]:
+    from sqlalchemy import func, select
+
+    from kensa.store.connect import open_store
+    from kensa.store.models import Alert, Prediction, ReviewItem
+
+    with open_store(get_settings())() as s:
+        verdicts = dict(
+            s.execute(
+                select(Prediction.verdict, func.count()).where(Prediction.created_at >= since)
+                .group_by(Prediction.verdict)
+            ).all()
+        )  # fmt: skip
+        alerts = s.scalars(select(Alert).where(Alert.created_at >= since).order_by(Alert.id)).all()
+        reviews = dict(
+            s.execute(
+                select(ReviewItem.reason, func.count()).where(ReviewItem.created_at >= since)
+                .group_by(ReviewItem.reason)
+            ).all()
+        )  # fmt: skip
+        return {
+            "verdicts": verdicts,
+            "alerts": [(a.id, a.level, a.kind, a.status, a.cause) for a in alerts],
+            "reviews": reviews,
+        }
+
+
 def demo(
     out: Path = typer.Option(Path(".kensa/demo"), "--out", help="Where the demo writes."),
-    n: int = typer.Option(2000, "--n", help="Parts the synthetic line makes."),
+    n: int = typer.Option(2000, "--n", help="Parts the synthetic line makes for training."),
     image_size: int = typer.Option(64, "--image-size"),
-    epochs: int = typer.Option(15, "--epochs"),
-    models: str = typer.Option(
-        "small_cnn,mobilenet_v3_small", "--models", help="Zoo sizes for the model core, smallest first."
-    ),
     config: Path = typer.Option(Path("examples/kensa.toml"), "--config", help="Project config."),
-    pilot: bool = typer.Option(True, "--pilot/--no-pilot", help="Run the staged flow at the end."),
+    clean_parts: int = typer.Option(600, "--clean-parts", help="Parts streamed before the drift."),
+    drift_parts: int = typer.Option(600, "--drift-parts", help="Parts streamed after it begins."),
+    shift: str = typer.Option("lighting=0.55", "--shift", help="The line condition that drifts."),
+    up: bool = typer.Option(False, "--up", help="Keep serving (and the console) running at the end."),
 ) -> None:
-    """Synthetic line → ingest → train sizes, evaluate under corruptions, export → pilot + gate."""
-    t0 = time.perf_counter()
+    """The whole loop: line → pilot → gate → sweep → approval → serving → drift → alert → retraining."""
+    from datetime import UTC, datetime
+
+    from kensa.cli.demo_support import ServedProcess, WebhookReceiver, free_port, make_key
+
+    t0, started = time.perf_counter(), datetime.now(UTC)
+    marks: dict[str, float] = {}
+    receiver = WebhookReceiver(secret=secrets.token_hex(16)).start()
+    _configure(receiver.url, receiver.secret)
+    settings = get_settings()
+    settings.ensure_dirs()
+    from flows.config import load_project_config
+
+    name = load_project_config(config).name
+
     data = out / "line"
     if not (data / ".kensa-dataset.json").exists():
         _run(["line", "generate", "--out", str(data), "--n", str(n), "--seed", "0",
               "--image-size", str(image_size)])  # fmt: skip
-    _run(["data", "ingest", str(data)])
-    names = [m.strip() for m in models.split(",") if m.strip()]
-    runs: dict[str, Path] = {}
-    for name in names:
-        run = out / "runs" / name
-        _run(["train", "--data", str(data), "--model", name, "--epochs", str(epochs),
-              "--out", str(run), "--seed", "0"])  # fmt: skip
-        # Relative corruption error is measured against the smallest model (ImageNet-C style).
-        reference = ["--reference", str(runs[names[0]])] if runs else []
-        _run(["evaluate", str(run), "--corruptions", "--alpha", "0.05", *reference])
-        _run(["export", str(run), "--out", str(run / "model.onnx"), "--int8"])
-        runs[name] = run
-    gate = 0
-    if pilot:
-        gate = _run(["pilot", "--data", str(data), "--config", str(config),
-                     "--by", "demo-data-scientist"], allow=(0, EXIT_GATE))  # fmt: skip
-    console.print(Rule("[bold]summary"))
-    elapsed = time.perf_counter() - t0
-    table = Table(title=f"kensa demo: {n} synthetic parts at {image_size} px, {elapsed:.0f} s in all")
-    for col in ("model", "params", "escape", "false reject", "automation", "band guaranteed",
-                "clean error", "corrupted error", "rCE vs smallest", "parity max |Δp|"):  # fmt: skip
-        table.add_column(col, justify="right")
-    for name, run in runs.items():
-        m = json.loads((run / "metrics.json").read_text())
-        info = json.loads((run / "train.json").read_text())
-        parity = json.loads((run / "model.parity.json").read_text())
-        rce = m["robustness"]["mean_relative_ce"]
-        table.add_row(
-            name,
-            f"{info['parameters'] / 1e6:.1f}M",
-            f"{m['escape_rate']:.2%}",
-            f"{m['false_reject_rate']:.2%}",
-            f"{m['automation_rate']:.1%}",
-            "yes" if m["band"]["guaranteed"] else "no",
-            f"{m['error']:.3f}",
-            f"{m['robustness']['corrupted_error']:.3f}",
-            "reference" if rce is None else f"{rce:.2f}",
-            f"{parity['max_abs_prob_diff']:.1e}",
-        )
-    console.print(table)
-    outcome = "not run" if not pilot else ("passed" if gate == 0 else "stopped the flow")
-    console.print(f"pilot KPI gate: {outcome}")
+        _run(["data", "ingest", str(data)])
+    marks["line"] = time.perf_counter() - t0
+
+    gate = _run(["pilot", "--data", str(data), "--config", str(config), "--by", DATA_SCIENTIST],
+                allow=(0, EXIT_GATE))  # fmt: skip
+    marks["pilot → sweep"] = time.perf_counter() - t0
     if gate == EXIT_GATE:
-        console.print(
-            "The pilot missed its KPI, so the flow stopped before any scale spend; "
-            "the gap is printed above and recorded in MLflow."
-        )
-    console.print(
-        f"runs, plots and ONNX models: {out / 'runs'}; MLflow: `mlflow ui "
-        "--backend-store-uri sqlite:///.kensa/mlflow.db`"
-    )
+        console.print("The pilot missed its KPI: the flow stopped before any scale spend (see above).")
+        raise typer.Exit(EXIT_GATE)
+    candidate = _versions(name)["candidate"]
+    assert candidate is not None, "the sweep registers a candidate when the gate passes"
+    _run(["approve", candidate, "--by", OPERATOR, "--role", "operator", "--config", str(config),
+          "--reason", "demo: KPI met on clean and corrupted parts"])  # fmt: skip
+    marks["approval"] = time.perf_counter() - t0
+
+    line_key = make_key(settings, "line", "demo line camera")
+    operator_key = make_key(settings, "operator", OPERATOR)
+    port = free_port()
+    console.print(Rule(f"[bold]kensa serve --registry-name {name} --port {port}"))
+    served = ServedProcess(port, name, out / "serve.log", env={})
+    try:
+        served.wait_ready()
+        console.print(f"serving champion v{candidate} at {served.url}")
+        _run(["line", "stream", "--url", served.url, "--key", line_key, "--n", str(clean_parts + drift_parts),
+              "--shift", shift, "--shift-at", str(clean_parts), "--seed", "1",
+              "--image-size", str(image_size)])  # fmt: skip
+        marks["stream"] = time.perf_counter() - t0
+        checked = time.perf_counter()
+        _run(["drift", "check"])
+        marks["drift check + retraining"] = time.perf_counter() - t0
+        # Nobody acknowledged the critical alert: after KENSA_ESCALATE_AFTER_S the next check pages.
+        wait = max(0.0, settings.escalate_after_s + 1 - (time.perf_counter() - checked))
+        if wait:
+            console.print(f"waiting {wait:.0f} s: nobody acknowledges the critical alert…")
+            time.sleep(wait)
+        _run(["drift", "check", "--no-retrain"])
+        marks["escalation"] = time.perf_counter() - t0
+        _summary(name, candidate, started, receiver, marks, time.perf_counter() - t0)
+        _where_to_look(served.url, operator_key, settings)
+        if up:
+            console.print("[bold]serving and the console stay up; Ctrl-C stops them[/bold]")
+            served.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        served.stop()
+        receiver.stop()
+
+
+def _summary(
+    name: str, approved: str, since: Any, receiver: Any, marks: dict[str, float], total: float
+) -> None:
+    figures = _store_figures(since)
+    versions = _versions(name)
+    console.print(Rule("[bold]what happened"))
+    table = Table(title=f"kensa demo: the whole loop in {total / 60:.1f} min")
+    table.add_column("step")
+    table.add_column("result")
+    table.add_column("done at", justify="right")
+    v = figures["verdicts"]
+    alerts = figures["alerts"]
+    critical = [a for a in alerts if a[1] == "critical"]
+    webhooks = receiver.received
+    rows = [
+        ("line", "synthetic parts generated and ingested", "line"),
+        ("pilot → gate → sweep", f"candidate v{approved} registered", "pilot → sweep"),
+        ("approval", f"v{approved} approved by {OPERATOR} → champion", "approval"),
+        ("serving", f"{sum(v.values())} verdicts: " + ", ".join(f"{k} {c}" for k, c in sorted(v.items())),
+         "stream"),
+        ("drift", f"{len(alerts)} alert(s), {len(critical)} critical: "
+         + (critical[0][4][:80] if critical else "none"), "drift check + retraining"),
+        ("review queue", ", ".join(f"{c} {r}" for r, c in sorted(figures["reviews"].items())) or "empty",
+         "drift check + retraining"),
+        ("retraining", f"candidate v{versions['candidate']}" if versions["candidate"] else "no candidate",
+         "drift check + retraining"),
+        ("escalation", f"{len(webhooks)} webhook call(s), "
+         f"{sum(1 for w in webhooks if w['valid'])} with a valid signature", "escalation"),
+    ]  # fmt: skip
+    for step, result, mark in rows:
+        table.add_row(step, result, f"{marks.get(mark, 0) / 60:.1f} min")
+    console.print(table)
+
+
+def _where_to_look(url: str, operator_key: str, settings: Any) -> None:
+    console.print(Rule("[bold]where to look"))
+    console.print(f"console:   {url}/console   (sign in with the operator key below; `make demo-up`)")
+    console.print(f"operator key (shown once): {operator_key}")
+    console.print(f"MLflow UI: mlflow ui --backend-store-uri {settings.resolved_mlflow_uri}")
+    console.print(f"Prefect:   PREFECT_HOME={settings.prefect_home} prefect server start")
+    console.print("ledger:    kensa cost    alerts: kensa alerts list    audit: kensa audit export VERSION")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from kensa.cli import data, db, demo, deploy, flows, keys, line, modeling, serve
+from kensa.cli import audit, data, db, demo, deploy, flows, keys, line, modeling, serve
+from kensa.cli import experiments as experiment_cmds
+from kensa.cli import monitor as monitor_cmds
+from kensa.cli import retrain as retrain_cmds
 
 app = typer.Typer(
     name="kensa",
@@ -24,9 +27,15 @@ app.command("approve")(flows.approve_cmd)
 app.command("reject")(flows.reject_cmd)
 app.command("rollback")(flows.rollback_cmd)
 app.command("cost")(flows.cost_cmd)
+app.command("retrain")(retrain_cmds.retrain_cmd)
 app.command("deploy")(deploy.deploy_cmd)
 app.add_typer(keys.app, name="keys")
+app.add_typer(audit.app, name="audit")
+app.command("register")(experiment_cmds.register_cmd)
+app.command("compare")(experiment_cmds.compare_cmd)
 app.command("serve")(serve.serve)
+app.add_typer(monitor_cmds.drift_app, name="drift")
+app.add_typer(monitor_cmds.alerts_app, name="alerts")
 
 
 if __name__ == "__main__":  # pragma: no cover

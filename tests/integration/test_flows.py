@@ -108,6 +108,36 @@ def test_unreachable_kpi_stops_before_the_sweep(
     assert MlflowClient().search_registered_models() == []
 
 
+def test_sweep_takes_over_the_pilots_trial_instead_of_paying_twice(
+    tiny_line: Path, tmp_path: Path, env: Settings
+) -> None:
+    from flows.pilot import pilot
+
+    # The pilot (tiny_cnn on half the data, 1 epoch) is one point of this grid; the other point
+    # (4× the FLOPs) is dearer to train and to serve, so the reused trial is chosen and registered.
+    config = write_config(
+        tmp_path,
+        LENIENT,
+        **{
+            "[pilot]\n": '[pilot]\nmodel = "tiny_cnn"\n',
+            "fraction = 0.4": "fraction = 0.5",
+            '["mobilenet_v3_small", "mobilenet_v3_large"]': '["tiny_cnn", "small_cnn"]',
+            "fractions = [0.5, 1.0]": "fractions = [0.5]",
+        },
+    )
+    summary = pilot(data=str(tiny_line), config_path=str(config))
+    sweep = summary["sweep"]
+    assert sweep["chosen"]["key"] == "tiny_cnn@0.5", sweep["trials"]
+    reused = MlflowClient().get_run(sweep["chosen"]["run_id"])
+    assert reused.data.tags["kensa.reused_from"] == summary["pilot_run_id"]
+    assert sweep["chosen"]["training_cost"] == summary["pilot_cost"]
+    candidate = MlflowClient().get_model_version_by_alias("qc-test", ALIAS_CANDIDATE)
+    assert candidate.tags["kensa.onnx_sha256"]
+    with open_store(env)() as session:
+        stages = sorted(c.stage for c in session.scalars(select(CostEntry)))
+    assert stages == ["pilot", "sweep"]  # the pilot once, the other trial once: nothing twice
+
+
 def test_budget_overrun_is_refused_before_anything_starts(
     tiny_line: Path, tmp_path: Path, env: Settings
 ) -> None:

@@ -178,14 +178,13 @@ def test_kensa_deploy_creates_pools_and_deployments_idempotently(
 
     first, second = deployed
     assert first.returncode == 0, first.stdout + first.stderr
-    for name in ("onprem-gpu", "cloud-gpu", "pilot/pilot", "sweep/sweep"):
+    for name in ("onprem-gpu", "cloud-gpu", "pilot/pilot", "sweep/sweep", "retrain/retrain"):
         assert any(name in line and "created" in line for line in first.stdout.splitlines()), \
             first.stdout
-    # The retrain flow does not exist yet: skipped, said so, and nothing else fails for it.
-    assert "retrain skipped" in first.stderr and "flows/retrain.py does not exist" in first.stderr
+    assert "skipped" not in first.stderr
     assert second.returncode == 0, second.stdout + second.stderr
     assert "created" not in second.stdout and "updated" not in second.stdout
-    assert second.stdout.count("unchanged") == 4, second.stdout
+    assert second.stdout.count("unchanged") == 5, second.stdout
 
     with get_client(sync_client=True) as client:
         onprem = client.read_work_pool("onprem-gpu")
@@ -198,7 +197,7 @@ def test_kensa_deploy_creates_pools_and_deployments_idempotently(
     pod = cloud.base_job_template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_limit }}"
     assert cloud.base_job_template["variables"]["properties"]["gpu_limit"]["default"] == 1
-    assert set(deployments) == {"pilot", "sweep"}
+    assert set(deployments) == {"pilot", "sweep", "retrain"}
     pilot = deployments["pilot"]
     assert pilot.entrypoint == "flows/pilot.py:pilot" and pilot.work_pool_name == "onprem-gpu"
     # The worker on this host starts each run in this checkout.
@@ -225,7 +224,7 @@ def test_a_changed_prefect_yaml_updates_only_what_changed(
         actions = {a.name: a.action for a in deploy(changed, prefect_api.url, repo_dir=REPO)}
         assert actions == {"onprem-gpu": "unchanged", "cloud-gpu": "updated",
                            "pilot/pilot": "unchanged", "sweep/sweep": "updated",
-                           "retrain": "skipped"}
+                           "retrain/retrain": "unchanged"}
         with get_client(sync_client=True) as client:
             cloud = client.read_work_pool("cloud-gpu")
             assert cloud.base_job_template["variables"]["properties"]["gpu_limit"]["default"] == 2
@@ -233,6 +232,29 @@ def test_a_changed_prefect_yaml_updates_only_what_changed(
     finally:
         # Back to the checked-in file for the other tests.
         deploy(PREFECT_YAML, prefect_api.url)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_retraining_is_started_through_its_deployment_when_the_server_has_it(
+    prefect_api: Running, deployed: Any, tmp_path: Path,
+) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.retrain import start_retraining
+
+    settings = Settings(data_dir=tmp_path / "kensa", prefect_api_url=prefect_api.url)
+    flow_run_id = start_retraining(settings, alert_id=17, reason="critical drift on L1")
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+        deployment = client.read_deployment_by_name("retrain/retrain")
+        # Scheduled for a worker on the on-prem pool, not run here; then withdrawn, so the
+        # worker the next tests start does not retrain a model that does not exist yet.
+        client.delete_flow_run(run.id)
+    assert run.deployment_id == deployment.id and run.work_pool_name == "onprem-gpu"
+    assert run.state is not None and run.state.type.value == "SCHEDULED"
+    assert run.parameters == {"alert_id": 17, "reason": "critical drift on L1",
+                              "registered_by": "prefect-retrain"}
 
 
 @pytest.mark.integration

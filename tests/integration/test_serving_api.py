@@ -106,6 +106,20 @@ def test_v1_batch(api: Api) -> None:
     assert all(len(api.rows(request_id=x["request_id"])) == 1 for x in results)
 
 
+def test_v1_batch_takes_a_part_id_for_each_of_many_images(api: Api) -> None:
+    n = 24  # more images than the 16 text fields a form parser allows by default
+    files = [("images", (f"{i}.png", solid(255, noise_seed=300 + i), "image/png")) for i in range(n)]
+    r = httpx.post(
+        f"{api.server.base}/v1/inspect/batch",
+        headers=api.headers(),
+        files=files,
+        data={"part_id": [f"many-{i}" for i in range(n)], "line_id": "L3"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert [x["part_id"] for x in r.json()["results"]] == [f"many-{i}" for i in range(n)]
+
+
 # ---------------------------------------------------------------- v2 (Open Inference Protocol)
 
 

@@ -96,6 +96,10 @@ def test_bad_config_names_each_field(tmp_path: Path) -> None:
     path.write_text("[kpi]\nmax_escape_rat = 0.1\n")
     with pytest.raises(ConfigError, match="max_escape_rat"):
         load_project_config(path)
+    # No project can let its auditors or a line's machine key approve models.
+    path.write_text('[approval]\napprover_roles = ["operator", "auditor", "line"]\n')
+    with pytest.raises(ConfigError, match="'auditor', 'line' cannot approve"):
+        load_project_config(path)
 
 
 def test_gate_reports_the_gap_for_each_missed_kpi() -> None:
