@@ -91,9 +91,11 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
     mp.setenv("KENSA_DATA_DIR", str(root / "kensa"))
     mp.setenv("KENSA_PROJECT_CONFIG", str(config))
     # The default budget (1 false alarm per 10,000 parts) allows a clean 5,000-part stream half an
-    # alarm on average, so "no alert" would pass or fail by luck; at 0.1 a pass means something,
+    # alarm on average, so "no alert" would pass or fail by luck. At 0.1 it still failed about one
+    # run in 25 (measured: 300 shuffles of a clean stream's log, 4.3 % with a warning; the server's
+    # concurrency changes the log's order, so CI hit one). At 0.01 none of 300 shuffles alarmed,
     # and a lighting drop still lies far beyond the critical level.
-    mp.setenv("KENSA_FALSE_ALARM_PER_10K", "0.1")
+    mp.setenv("KENSA_FALSE_ALARM_PER_10K", "0.01")
     get_settings.cache_clear()
     settings = Settings()
     configure_mlflow(settings)
