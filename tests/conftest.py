@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,15 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_line: Path) -> Pa
     )
     evaluate_run(run, show_progress=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect API for every test module that runs flows in this process.
+
+    Starting one costs about 15 s on 2 cores; modules share it and tell their runs apart by id.
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

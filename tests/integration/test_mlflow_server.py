@@ -47,16 +47,14 @@ class TrackedPilot:
 
 
 @pytest.fixture(scope="module")
-def tracked_pilot(mlflow_database: str, tiny_line: Path,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackedPilot]:
+def tracked_pilot(mlflow_database: str, tiny_line: Path, tmp_path_factory: pytest.TempPathFactory,
+                  prefect_harness: None) -> Iterator[TrackedPilot]:
     """`mlflow server` up, then one pilot → sweep → candidate run tracked there."""
-    from prefect.testing.utilities import prefect_test_harness
-
     root = tmp_path_factory.mktemp("mlflow-server")
     artifacts = root / "artifacts"
     before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
     with mlflow_server(mlflow_database, artifacts, root / "mlflow.log") as server, \
-            prefect_test_harness(server_startup_timeout=180), pytest.MonkeyPatch.context() as mp:
+            pytest.MonkeyPatch.context() as mp:
         # What a production worker's environment says; everything else stays at its default.
         mp.setenv("KENSA_DATA_DIR", str(root / "kensa"))
         mp.setenv("KENSA_MLFLOW_TRACKING_URI", server.url)

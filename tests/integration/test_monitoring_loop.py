@@ -73,9 +73,7 @@ class Loop:
 
 
 @pytest.fixture(scope="module")
-def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
-    from prefect.testing.utilities import prefect_test_harness
-
+def loop(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Iterator[Loop]:
     from flows.tracking import configure_mlflow
     from models.data import ingest_dataset
     from models.evaluate import BandPolicy, evaluate_run
@@ -121,8 +119,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
     server = Server(settings.data_dir, settings.resolved_store_url, env=env,
                     mlflow_uri=settings.resolved_mlflow_uri).start(timeout=120)
     try:
-        with prefect_test_harness(server_startup_timeout=180):
-            yield Loop(settings, server, key, champion, timings)
+        yield Loop(settings, server, key, champion, timings)
     finally:
         server.stop()
         mp.undo()

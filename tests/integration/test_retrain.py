@@ -7,7 +7,6 @@ runs, Prefect's ephemeral API the flow run; the champion is a model trained on t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -95,11 +94,8 @@ def test_review_labels_make_a_new_dataset_version_that_contains_them(
 
 
 @pytest.fixture(scope="module")
-def prefect_api() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+def prefect_api(prefect_harness: None) -> None:
+    """The session's Prefect API (see tests/conftest.py)."""
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """Behavioural model test: a small trained model flags obvious defects and keeps its verdict
-under a mild lighting change (trains a real model for about two and a half minutes on 2 cores,
+under a mild lighting change (trains a real model for about two minutes on 2 cores,
 so marked slow)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from models.synthetic import LineConditions, generate_dataset, iter_parts
 from models.train import TrainConfig, load_checkpoint, predict_probs, split_tensors, train
 
 SIZE = 64
-N_PARTS = 1500
+N_PARTS = 1000
 SEED = 11
 EPOCHS = 20
 
@@ -59,7 +59,7 @@ def test_small_model_learns_defects_and_keeps_verdict_under_mild_lighting(
     flagged = float((p_nominal[obvious].argmax(1) != ok).mean())
     false_reject = float((p_nominal[~defect].argmax(1) != ok).mean())
     # The model tells obvious defects from good parts: it flags a large share of them while
-    # rejecting few good parts (from scratch on 1,000 images it leans to "ok": 42-54 % flagged
+    # rejecting few good parts (from scratch on a few hundred images it leans to "ok": 42-58 % flagged
     # at 0-1 % false rejects across runs on this machine, so the bar is discrimination, not recall).
     assert flagged >= 0.3, f"only {flagged:.0%} of {int(obvious.sum())} obvious defects flagged"
     assert flagged - false_reject >= 0.25, f"flagged {flagged:.0%} vs false rejects {false_reject:.0%}"
