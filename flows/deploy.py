@@ -13,10 +13,12 @@ import io
 from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -46,6 +48,58 @@ class PoolSpec:
 
 
 @dataclass(frozen=True)
+class ScheduleSpec:
+    """One entry of a deployment's ``schedules:``: every ``interval`` seconds or a ``cron`` line."""
+
+    interval: float | None = None
+    cron: str | None = None
+    timezone: str | None = None
+    active: bool = True
+
+    def key(self) -> tuple[Any, ...]:
+        """What decides whether a schedule on the server is this one."""
+        return (self.interval, self.cron, self.timezone or "UTC", self.active)
+
+
+def _schedule(raw: Any, where: str) -> ScheduleSpec:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    if not isinstance(raw, dict) or ("interval" in raw) == ("cron" in raw):
+        raise DeployConfigError(f"{where}: a schedule is a mapping with exactly one of 'interval' "
+                                f"(seconds) or 'cron' (a cron line); got {raw!r}")
+    extra = set(raw) - {"interval", "cron", "timezone", "active"}
+    if extra:
+        raise DeployConfigError(f"{where}: unknown schedule keys {sorted(extra)}; accepted: "
+                                "interval, cron, timezone, active")
+    active = raw.get("active", True)
+    timezone = raw.get("timezone")
+    if "interval" in raw:
+        # Prefect's loader hands intervals back as ISO 8601 durations ("PT15M"); seconds also work.
+        try:
+            seconds = TypeAdapter(timedelta).validate_python(raw["interval"]).total_seconds()
+        except ValidationError:
+            seconds = 0.0
+        if isinstance(raw["interval"], bool) or seconds <= 0:
+            raise DeployConfigError(f"{where}: interval must be a positive number of seconds; "
+                                    f"got {raw['interval']!r}")
+        return ScheduleSpec(interval=seconds, timezone=timezone, active=bool(active))
+    try:  # Prefect's own validation of the cron line and the time zone
+        CronSchedule(cron=str(raw["cron"]), timezone=timezone)
+    except ValueError as exc:
+        raise DeployConfigError(f"{where}: cron {raw['cron']!r} is not valid: {exc}") from None
+    return ScheduleSpec(cron=str(raw["cron"]), timezone=timezone, active=bool(active))
+
+
+def _server_schedule_key(schedule: Any) -> tuple[Any, ...]:
+    """The same key for a schedule read back from the server."""
+    inner = schedule.schedule
+    interval = getattr(inner, "interval", None)
+    return (interval.total_seconds() if interval is not None else None,
+            getattr(inner, "cron", None), getattr(inner, "timezone", None) or "UTC",
+            bool(schedule.active))
+
+
+@dataclass(frozen=True)
 class DeploymentSpec:
     """One ``deployments:`` entry, as Prefect's loader returned it (pull steps merged in)."""
 
@@ -59,6 +113,7 @@ class DeploymentSpec:
     description: str | None = None
     enforce_parameter_schema: bool = True
     pull_steps: tuple[dict[str, Any], ...] = ()
+    schedules: tuple[ScheduleSpec, ...] = ()
 
     @property
     def entrypoint_file(self) -> str:
@@ -151,6 +206,9 @@ def _deployment(cfg: dict[str, Any], actions: dict[str, Any], pools: set[str],
     tags = cfg.get("tags") or []
     if isinstance(tags, str):
         tags = [tags]
+    schedules = cfg.get("schedules") or []
+    if not isinstance(schedules, list):
+        raise DeployConfigError(f"{where} ({name}): schedules must be a list; got {schedules!r}")
     return DeploymentSpec(
         name=name, entrypoint=entrypoint, work_pool=pool,
         work_queue=(cfg.get("work_pool") or {}).get("work_queue_name"),
@@ -159,6 +217,8 @@ def _deployment(cfg: dict[str, Any], actions: dict[str, Any], pools: set[str],
         tags=tuple(str(t) for t in tags), description=cfg.get("description"),
         enforce_parameter_schema=cfg.get("enforce_parameter_schema", True) is not False,
         pull_steps=tuple(pull or ()),
+        schedules=tuple(_schedule(raw, f"{where} ({name}) schedules[{i}]")
+                        for i, raw in enumerate(schedules)),
     )
 
 
@@ -282,15 +342,37 @@ async def ensure_deployment(client: PrefectClient, spec: DeploymentSpec, repo_di
     except ObjectNotFound:
         existing = None
     detail = f"{spec.entrypoint} on {spec.work_pool}"
+    if spec.schedules:
+        detail += ", " + ", ".join(
+            f"every {s.interval:g} s" if s.interval else f"cron '{s.cron}'" for s in spec.schedules
+        )
     if existing is not None:
         current = {key: getattr(existing, key) for key in desired}
         current["tags"] = sorted(current["tags"] or [])
-        if current == desired:
+        same_schedules = sorted(_server_schedule_key(s) for s in existing.schedules or []) == sorted(
+            s.key() for s in spec.schedules
+        )
+        if current == desired and same_schedules:
             return Applied("deployment", full_name, "unchanged", detail)
     flow_id = await client.create_flow_from_name(flow_name)
-    # The server upserts on (flow, name): the same call creates or replaces the deployment.
-    await client.create_deployment(flow_id=flow_id, name=spec.name, **desired)
+    # The server upserts on (flow, name): the same call creates or replaces the deployment, and
+    # replaces its schedules with these (none declared = none kept).
+    await client.create_deployment(flow_id=flow_id, name=spec.name,
+                                   schedules=_schedule_creates(spec.schedules), **desired)
     return Applied("deployment", full_name, "created" if existing is None else "updated", detail)
+
+
+def _schedule_creates(specs: Sequence[ScheduleSpec]) -> list[Any]:
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import construct_schedule
+
+    return [
+        DeploymentScheduleCreate(
+            schedule=construct_schedule(interval=s.interval, cron=s.cron, timezone=s.timezone),
+            active=s.active,
+        )
+        for s in specs
+    ]
 
 
 async def apply_plan(plan: DeployPlan, repo_dir: Path) -> list[Applied]:

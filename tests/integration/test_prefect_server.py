@@ -51,7 +51,7 @@ def test_prefect_yaml_loads_with_prefects_own_loader() -> None:
     by_name = {d.name: d for d in plan.deployments}
     assert {n: d.entrypoint for n, d in by_name.items()} == {
         "pilot": "flows/pilot.py:pilot", "sweep": "flows/sweep.py:sweep",
-        "retrain": "flows/retrain.py:retrain"}
+        "retrain": "flows/retrain.py:retrain", "drift-check": "flows/monitor.py:drift_check"}
     assert {d.work_pool for d in plan.deployments} == {"onprem-gpu"}
     for d in plan.deployments:
         (step,) = d.pull_steps
@@ -59,6 +59,9 @@ def test_prefect_yaml_loads_with_prefects_own_loader() -> None:
                         {"directory": "{{ $KENSA_REPO_DIR }}"}}
     assert by_name["pilot"].parameters["wait_for_approval"] is True
     assert "data" not in by_name["pilot"].parameters  # given per run
+    # The drift check runs on a schedule; the training flows only when started.
+    assert [(s.interval, s.active) for s in by_name["drift-check"].schedules] == [(900.0, True)]
+    assert all(not by_name[n].schedules for n in ("pilot", "sweep", "retrain"))
 
 
 @pytest.mark.parametrize(("mutation", "message"), [
@@ -70,7 +73,10 @@ def test_prefect_yaml_loads_with_prefects_own_loader() -> None:
     # A deployment on a pool nobody creates.
     (lambda t: t.replace("      name: onprem-gpu\n      work_queue_name",
                          "      name: onprem-gpus\n      work_queue_name", 1), "onprem-gpus"),
-], ids=["yaml-syntax", "schema", "undeclared-pool"])
+    # A schedule that is neither an interval nor a cron line, and a cron line that does not parse.
+    (lambda t: t.replace("      - interval: 900", "      - every: 15m", 1), "Prefect's loader"),
+    (lambda t: t.replace("      - interval: 900", "      - cron: '*/15 * *'", 1), "is not valid"),
+], ids=["yaml-syntax", "schema", "undeclared-pool", "schedule-kind", "schedule-cron"])
 def test_a_broken_copy_fails_the_same_check(tmp_path: Path, mutation: Any, message: str) -> None:
     broken = tmp_path / "infra" / "prefect.yaml"
     broken.parent.mkdir()
@@ -178,13 +184,14 @@ def test_kensa_deploy_creates_pools_and_deployments_idempotently(
 
     first, second = deployed
     assert first.returncode == 0, first.stdout + first.stderr
-    for name in ("onprem-gpu", "cloud-gpu", "pilot/pilot", "sweep/sweep", "retrain/retrain"):
+    for name in ("onprem-gpu", "cloud-gpu", "pilot/pilot", "sweep/sweep", "retrain/retrain",
+                 "drift-check/drift-check"):
         assert any(name in line and "created" in line for line in first.stdout.splitlines()), \
             first.stdout
     assert "skipped" not in first.stderr
     assert second.returncode == 0, second.stdout + second.stderr
     assert "created" not in second.stdout and "updated" not in second.stdout
-    assert second.stdout.count("unchanged") == 5, second.stdout
+    assert second.stdout.count("unchanged") == 6, second.stdout
 
     with get_client(sync_client=True) as client:
         onprem = client.read_work_pool("onprem-gpu")
@@ -197,7 +204,11 @@ def test_kensa_deploy_creates_pools_and_deployments_idempotently(
     pod = cloud.base_job_template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_limit }}"
     assert cloud.base_job_template["variables"]["properties"]["gpu_limit"]["default"] == 1
-    assert set(deployments) == {"pilot", "sweep", "retrain"}
+    assert set(deployments) == {"pilot", "sweep", "retrain", "drift-check"}
+    # The drift check is scheduled on the server, every 15 minutes.
+    (schedule,) = deployments["drift-check"].schedules
+    assert schedule.active and schedule.schedule.interval.total_seconds() == 900
+    assert not deployments["pilot"].schedules
     pilot = deployments["pilot"]
     assert pilot.entrypoint == "flows/pilot.py:pilot" and pilot.work_pool_name == "onprem-gpu"
     # The worker on this host starts each run in this checkout.
@@ -224,7 +235,7 @@ def test_a_changed_prefect_yaml_updates_only_what_changed(
         actions = {a.name: a.action for a in deploy(changed, prefect_api.url, repo_dir=REPO)}
         assert actions == {"onprem-gpu": "unchanged", "cloud-gpu": "updated",
                            "pilot/pilot": "unchanged", "sweep/sweep": "updated",
-                           "retrain/retrain": "unchanged"}
+                           "retrain/retrain": "unchanged", "drift-check/drift-check": "unchanged"}
         with get_client(sync_client=True) as client:
             cloud = client.read_work_pool("cloud-gpu")
             assert cloud.base_job_template["variables"]["properties"]["gpu_limit"]["default"] == 2
