@@ -65,7 +65,8 @@ def _versions(name: str) -> dict[str, str | None]:
 
     from kensa.registry import ALIAS_CANDIDATE, ALIAS_CHAMPION
 
-    client = MlflowClient(get_settings().resolved_mlflow_uri)
+    uri = get_settings().resolved_mlflow_uri
+    client = MlflowClient(uri, uri)
     out: dict[str, str | None] = {}
     for alias in (ALIAS_CHAMPION, ALIAS_CANDIDATE):
         try:

@@ -57,9 +57,14 @@ def test_make_demo_runs_the_whole_loop(tmp_path: Path, make_pg_database: Callabl
     store_url = make_pg_database()
     config = tmp_path / "kensa.toml"
     config.write_text(CONFIG)
+    # A new user's environment: nothing kensa or MLflow read is inherited from earlier tests.
+    inherited = {k: v for k, v in os.environ.items()
+                 if not k.startswith(("KENSA_", "MLFLOW_")) and k != "PREFECT_API_URL"}  # fmt: skip
+    mlflow_uri = f"sqlite:///{tmp_path / 'kensa' / 'mlflow.db'}"
     env = {
-        **os.environ,
+        **inherited,
         "KENSA_DATA_DIR": str(tmp_path / "kensa"),
+        "KENSA_MLFLOW_TRACKING_URI": mlflow_uri,
         "KENSA_STORE_URL": store_url,
         "PREFECT_HOME": str(tmp_path / "prefect"),
         "COLUMNS": "160",
@@ -74,7 +79,7 @@ def test_make_demo_runs_the_whole_loop(tmp_path: Path, make_pg_database: Callabl
     # The summary and where to look, as printed for the user.
     assert "the whole loop in" in out and "/console" in out and "operator key" in out, out[-3000:]
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'kensa' / 'mlflow.db'}")
+    client = MlflowClient(mlflow_uri, mlflow_uri)  # registry too: not the process-wide one
     champion = client.get_model_version_by_alias("kensa-qc", "champion")
     candidate = client.get_model_version_by_alias("kensa-qc", "candidate")
     assert candidate.tags["kensa.source"] == "retrain"  # the retraining flow's candidate...
