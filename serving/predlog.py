@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -126,7 +126,7 @@ class PredictionLog:
             row = session.scalar(select(Prediction).where(Prediction.idempotency_key == key))
             return answer_from_row(row, replayed=True) if row is not None else None
 
-    def _row(self, pending: PendingRow) -> tuple[Prediction, str | None]:
+    def _values(self, pending: PendingRow) -> tuple[dict[str, Any], str | None]:
         a = pending.answer
         keep = a.verdict == "review" or is_sampled(a.image_sha256, self._sample_rate)
         path = (
@@ -134,7 +134,7 @@ class PredictionLog:
             if keep
             else None
         )
-        row = Prediction(
+        values = dict(
             request_id=a.request_id,
             idempotency_key=pending.idempotency_key,
             image_sha256=a.image_sha256,
@@ -152,26 +152,36 @@ class PredictionLog:
             image_path=path,
             created_at=utcnow(),
         )
-        return row, path
+        return values, path
 
-    def _add(self, session: Session, pending: PendingRow) -> None:
-        row, path = self._row(pending)
-        session.add(row)
-        if pending.answer.verdict == "review":
-            session.flush()  # the review item points at the row's id
-            session.add(
-                ReviewItem(
-                    prediction_id=row.id,
-                    image_path=path or "",
-                    reason="review_band",
-                    model_name=row.model_name,
-                    model_version=row.model_version,
-                    probs=row.probs,
-                    line_id=row.line_id,
-                    camera_id=row.camera_id,
-                    created_at=utcnow(),
-                )
+    def _insert(self, session: Session, rows: list[PendingRow]) -> None:
+        """Bulk INSERT the prediction rows, then the review items of those in the review band.
+
+        Two statements per batch: the ORM's unit of work (one flush per review row, for its id)
+        cost about as much CPU as decoding the image, profiled under load on SQLite.
+        """
+        made = [self._values(p) for p in rows]
+        ids = session.scalars(
+            insert(Prediction).returning(Prediction.id, sort_by_parameter_order=True),
+            [values for values, _ in made],
+        ).all()
+        reviews = [
+            dict(
+                prediction_id=row_id,
+                image_path=path or "",
+                reason="review_band",
+                model_name=values["model_name"],
+                model_version=values["model_version"],
+                probs=values["probs"],
+                line_id=values["line_id"],
+                camera_id=values["camera_id"],
+                created_at=utcnow(),
             )
+            for row_id, (values, path) in zip(ids, made, strict=True)
+            if values["verdict"] == "review"
+        ]
+        if reviews:
+            session.execute(insert(ReviewItem), reviews)
 
     def write(self, rows: list[PendingRow]) -> list[Answer | ApiError]:
         """Commit ``rows`` (one transaction); per row, the answer to send or the error to raise.
@@ -181,8 +191,7 @@ class PredictionLog:
         """
         try:
             with self._sessions() as session:
-                for pending in rows:
-                    self._add(session, pending)
+                self._insert(session, rows)
                 session.commit()
             return [p.answer for p in rows]
         except IntegrityError:
@@ -192,7 +201,7 @@ class PredictionLog:
     def _write_one(self, pending: PendingRow) -> Answer | ApiError:
         try:
             with self._sessions() as session:
-                self._add(session, pending)
+                self._insert(session, [pending])
                 session.commit()
             return pending.answer
         except IntegrityError:
