@@ -103,40 +103,40 @@ def _claim(sessions: sessionmaker[Session], alert_id: int) -> bool:
 
 @task(name="start-retraining", cache_policy=NO_CACHE)
 def retrain_task(settings: Settings) -> dict[int, str]:
-    """Start one retraining per alert that calls for it; record the run id on the alert."""
+    """Start one retraining for the alerts that call for it; record the run id on each."""
     return start_retraining_for(settings)
 
 
 def start_retraining_for(settings: Settings, alert_ids: list[int] | None = None) -> dict[int, str]:
-    """Start retraining for each alert (default: every unresolved one) that calls for it.
+    """Start one retraining for the alerts (default: every unresolved one) that call for it.
 
     An alert calls for it when it is a critical drift alert or a person escalated it, and has no
-    retraining yet (``details["retrain_run"]``); returns alert id -> flow-run id of those started.
+    retraining yet (``details["retrain_run"]``). The retraining flow retrains the champion, so one
+    run answers every such alert of this check (one lamp dimming on two cameras raised two alerts
+    and paid for two identical retrainings before); each alert records the run. Returns alert id
+    -> flow-run id for the alerts it covers.
     """
     from flows.retrain import start_retraining
 
     sessions = open_store(settings)
     with sessions() as session:
-        query = select(Alert).where(Alert.status != "resolved")
+        query = select(Alert).where(Alert.status != "resolved").order_by(Alert.id)
         if alert_ids is not None:
             query = query.where(Alert.id.in_(alert_ids))
-        candidates = [
-            a.id
-            for a in session.scalars(select(Alert).where(Alert.status != "resolved"))
-            if _needs_retraining(a)
-        ]
+        candidates = [a.id for a in session.scalars(query) if _needs_retraining(a)]
+    claimed = [alert_id for alert_id in candidates if _claim(sessions, alert_id)]
+    if not claimed:
+        return {}
+    reason = ("alert " if len(claimed) == 1 else "alerts ") + ", ".join(map(str, claimed))
+    try:
+        run_id: str | None = start_retraining(settings, alert_id=claimed[0], reason=reason)
+        error = None
+    except Exception as exc:  # noqa: BLE001 - any failure is recorded on the alerts, never lost
+        run_id, error = None, f"{type(exc).__name__}: {exc}"[:500]
+        log.exception("event=retrain_start_failed alerts=%s", claimed)
     started: dict[int, str] = {}
-    for alert_id in candidates:
-        if not _claim(sessions, alert_id):
-            continue
-        reason = f"alert {alert_id}"
-        try:
-            run_id: str | None = start_retraining(settings, alert_id=alert_id, reason=reason)
-            error = None
-        except Exception as exc:  # noqa: BLE001 - any failure is recorded on the alert, never lost
-            run_id, error = None, f"{type(exc).__name__}: {exc}"[:500]
-            log.exception("event=retrain_start_failed alert=%d", alert_id)
-        with sessions() as session:
+    with sessions() as session:
+        for alert_id in claimed:
             alert = session.get(Alert, alert_id, with_for_update=True)
             assert alert is not None
             details = dict(alert.details)
@@ -153,9 +153,9 @@ def start_retraining_for(settings: Settings, alert_ids: list[int] | None = None)
                 actor=SYSTEM_ACTOR,
                 action="alert.retrain",
                 subject=f"alert:{alert_id}",
-                details={"flow_run": run_id, "error": error},
+                details={"flow_run": run_id, "error": error, "alerts": claimed},
             )
-            session.commit()
+        session.commit()
     return started
 
 

@@ -68,3 +68,31 @@ def test_drift_flow_alerts_once_on_a_lighting_drop_and_starts_one_retraining(
         ).all()
         assert actions == ["alert.open", "alert.retrain"]
         assert verify_chain(session) == []
+
+
+def test_two_critical_alerts_of_one_check_share_one_retraining(
+    tmp_path: Path, fresh_pg_url: str
+) -> None:
+    """The lamp dims over two cameras: two alerts, one retraining of the champion, both linked."""
+    from flows.monitor import start_retraining_for
+
+    settings = Settings(data_dir=tmp_path / "kensa", store_url=fresh_pg_url, mlflow_tracking_uri="")
+    sessions = open_store(settings)
+    with sessions() as session:
+        alerts = [Alert(level="critical", kind="drift", cause="lighting", line_id="L1", camera_id=c)
+                  for c in ("C1", "C2")]  # fmt: skip
+        warning = Alert(level="warning", kind="drift", cause="lighting", line_id="L2")
+        session.add_all([*alerts, warning])
+        session.commit()
+        ids = [a.id for a in alerts]
+
+    # No champion is registered here, so the run fails at once; it is still one run for both.
+    started = start_retraining_for(settings)
+    assert sorted(started) == ids
+    assert len(set(started.values())) == 1
+    assert start_retraining_for(settings) == {}  # claimed: a later check starts nothing more
+    with sessions() as session:
+        runs = {a.id: a.details.get("retrain_run") for a in session.scalars(select(Alert))}
+        events = session.scalars(select(AuditEvent).where(AuditEvent.action == "alert.retrain")).all()
+    assert runs == {ids[0]: started[ids[0]], ids[1]: started[ids[0]], warning.id: None}
+    assert sorted(e.subject for e in events) == [f"alert:{i}" for i in ids]
