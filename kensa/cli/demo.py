@@ -76,6 +76,26 @@ def _versions(name: str) -> dict[str, str | None]:
     return out
 
 
+def _retraining(candidate: str | None, runs: list[str]) -> str:
+    """What the retraining gave: a candidate, or why not (it must pass the same KPI gate)."""
+    if candidate:
+        return f"candidate v{candidate}, waiting for a person's approval"
+    if not runs:
+        return "not started"
+    try:
+        from uuid import UUID
+
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(runs[0])).state
+        why = (state.message or "") if state is not None else ""
+    except Exception:  # noqa: BLE001 - the summary never fails the demo
+        why = ""
+    why = why.rsplit("Error: ", 1)[-1].strip()
+    return "ran, no candidate" + (f": {why[:110]}" if why else "")
+
+
 def _store_figures(since: Any) -> dict[str, Any]:
     from sqlalchemy import func, select
 
@@ -99,6 +119,8 @@ def _store_figures(since: Any) -> dict[str, Any]:
         return {
             "verdicts": verdicts,
             "alerts": [(a.id, a.level, a.kind, a.status, a.cause) for a in alerts],
+            "retrain_runs": sorted({str(a.details["retrain_run"]) for a in alerts
+                                    if (a.details or {}).get("retrain_run")}),  # fmt: skip
             "reviews": reviews,
         }
 
@@ -206,7 +228,7 @@ def _summary(
          + (critical[0][4][:80] if critical else "none"), "drift check + retraining"),
         ("review queue", ", ".join(f"{c} {r}" for r, c in sorted(figures["reviews"].items())) or "empty",
          "drift check + retraining"),
-        ("retraining", f"candidate v{versions['candidate']}" if versions["candidate"] else "no candidate",
+        ("retraining", _retraining(versions["candidate"], figures["retrain_runs"]),
          "drift check + retraining"),
         ("escalation", f"{len(webhooks)} webhook call(s), "
          f"{sum(1 for w in webhooks if w['valid'])} with a valid signature", "escalation"),
