@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from config_helpers import LENIENT_KPI
 from mlflow.tracking import MlflowClient
 from torch import nn
 from typer.testing import CliRunner
@@ -46,13 +47,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REGISTRY = "qc-exp"
 LENIENT = f"""
 name = "{REGISTRY}"
-[kpi]
-max_escape_rate = 0.99
-confidence = 0.9
-min_automation_rate = 0.0
-max_false_reject_rate = 0.99
-max_corrupted_escape_rate = 1.0
-max_relative_ce = 1000
+{LENIENT_KPI}max_relative_ce = 1000
 [sweep]
 max_robustness_images = 16
 """

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from config_helpers import LENIENT_KPI
 from mlflow.tracking import MlflowClient
 from sqlalchemy import select
 from typer.testing import CliRunner
@@ -23,15 +24,9 @@ from kensa.store.models import AuditEvent, CostEntry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-LENIENT = """
+LENIENT = f"""
 name = "qc-test"
-[kpi]
-max_escape_rate = 0.99
-confidence = 0.9
-min_automation_rate = 0.0
-max_false_reject_rate = 0.99
-max_corrupted_escape_rate = 1.0
-max_relative_ce = 1000
+{LENIENT_KPI}max_relative_ce = 1000
 [pilot]
 epochs = 1
 fraction = 0.4

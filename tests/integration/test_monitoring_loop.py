@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from config_helpers import LENIENT_KPI
 from mlflow.tracking import MlflowClient
 from retrain_helpers import register_champion
 from serving_helpers import Server, make_keys
@@ -35,14 +36,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NAME = "kensa-qc"  # the project's model name, which serving loads as champion by default
 SIZE = 32  # px: the line, the model and the stream; small so thousands of parts take seconds
 CAMERA = "C1"  # the line's one camera
-CONFIG = """
-[kpi]
-max_escape_rate = 0.99
-confidence = 0.9
-min_automation_rate = 0.0
-max_false_reject_rate = 0.99
-max_corrupted_escape_rate = 1.0
-[sweep]
+CONFIG = f"""
+{LENIENT_KPI}[sweep]
 max_robustness_images = 16
 """
 

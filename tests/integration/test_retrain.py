@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from config_helpers import LENIENT_KPI
 from mlflow.tracking import MlflowClient
 from retrain_helpers import queue_reviews, register_champion
 from sqlalchemy import select
@@ -25,15 +26,9 @@ from models.line.stream import StreamPart, StreamPlan, iter_stream
 
 pytestmark = [pytest.mark.integration]
 
-CONFIG = """
+CONFIG = f"""
 name = "qc-retrain"
-[kpi]
-max_escape_rate = 0.99
-confidence = 0.9
-min_automation_rate = 0.0
-max_false_reject_rate = 0.99
-max_corrupted_escape_rate = 1.0
-[sweep]
+{LENIENT_KPI}[sweep]
 max_robustness_images = 16
 """
 

@@ -60,7 +60,7 @@ def test_small_model_learns_defects_and_keeps_verdict_under_mild_lighting(
     false_reject = float((p_nominal[~defect].argmax(1) != ok).mean())
     # The model tells obvious defects from good parts: it flags a large share of them while
     # rejecting few good parts (from scratch on a few hundred images it leans to "ok": 42-58 % flagged
-    # at 0-1 % false rejects across runs on this machine, so the bar is discrimination, not recall).
+    # at 0-3 % false rejects across runs on this machine, so the bar is discrimination, not recall).
     assert flagged >= 0.3, f"only {flagged:.0%} of {int(obvious.sum())} obvious defects flagged"
     assert flagged - false_reject >= 0.25, f"flagged {flagged:.0%} vs false rejects {false_reject:.0%}"
     # ok-vs-not-ok verdict kept under the mild lighting change on almost every part.
