@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1, description="Decompression-bomb guard.")
     decode_threads: int = Field(2, ge=1)
+    inference_runners: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="Batches in inference at once; 0 = chosen per model from its warm-up timing "
+        "(2 for a model slower than 6 ms per image, else 1).",
+    )
     sample_rate: float = Field(0.02, ge=0, le=1, description="Share of non-review images stored.")
     champion_poll_s: float = Field(10.0, gt=0, description="How often serving checks the alias.")
     drain_s: float = Field(

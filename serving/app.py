@@ -149,6 +149,7 @@ def create_app(
             metrics_,
             max_batch=settings.max_batch_size,
             cache_dir=settings.data_dir / "serving" / "trt-cache",
+            runners=settings.inference_runners,
         )
         predlog = PredictionLog(sessions, ImageStore(settings.images_dir), settings.sample_rate)
         service = InspectionService(settings, models, predlog, metrics_)

@@ -1,10 +1,15 @@
 """Micro-batching: a bounded queue of decoded images, batched for one inference thread.
 
 A batch is dispatched when it is full (``max_batch_size``) or when its oldest image has waited
-``max_wait_ms``. While the inference thread is busy, new images pile up and form the next
-batch, so batches grow with load by themselves. Inference runs in its own thread so the event
-loop never blocks; writing the batch's log rows runs as a separate task, so the next batch's
-inference overlaps the previous batch's commit.
+``max_wait_ms``. While inference is busy, new images pile up and form the next batch, so batches
+grow with load by themselves. Inference runs in worker threads so the event loop never blocks;
+writing the batch's log rows runs as a separate task, so the next batch's inference overlaps the
+previous batch's commit.
+
+Most models run one batch at a time (onnxruntime spreads it over its threads and the other cores
+decode and answer). A heavy model (``ServedModel.runners`` = 2, chosen from its warm-up timing)
+runs two: inference, not decoding, is then what bounds throughput, and two independent runs keep
+every core busy where one run's threads wait on each other whenever a decode takes their core.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from serving.errors import ApiError
 log = logging.getLogger("kensa.serving.batcher")
 
 QUEUED, TAKEN, CANCELLED = "queued", "taken", "cancelled"
+# Most batches in inference at once, whatever a model asks for (threads kept by the pool).
+MAX_RUNNERS = 8
 
 
 @dataclass(eq=False)
@@ -77,8 +84,11 @@ class Batcher:
         self._current_model = current_model
         self._finish = finish
         self._on_batch = on_batch
-        # One thread: onnxruntime already spreads one run over the cores; two runs would fight.
-        self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kensa-infer")
+        # Threads start on demand: a light model only ever uses one.
+        self._infer_pool = ThreadPoolExecutor(MAX_RUNNERS, thread_name_prefix="kensa-infer")
+        self._running = 0  # batches in inference now
+        self._slot_freed = asyncio.Event()
+        self._inferring: set[asyncio.Task[None]] = set()
         self._finishing: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
 
@@ -118,9 +128,17 @@ class Batcher:
                 break
         return batch
 
+    def _allowed(self) -> int:
+        model = self._current_model()
+        return min(MAX_RUNNERS, max(1, model.runners)) if model is not None else 1
+
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
+            # Gather the next batch only once a runner is free: until then images keep arriving
+            # and the batch grows, instead of waiting formed while older ones are judged.
+            while self._running >= self._allowed():
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
             batch = [j for j in await self._gather() if j.state == QUEUED]
             if not batch:
                 continue
@@ -138,35 +156,42 @@ class Batcher:
                     if not job.future.done():
                         job.future.set_exception(err)
                 continue
-            try:
-                probs, features = await loop.run_in_executor(self._infer_pool, _infer, model, batch)
-            except Exception as exc:  # a verified model failing at run time: ours, not the caller's
-                log.exception(
-                    "event=inference_failed model=%s version=%s", model.name, model.version
-                )
-                err = ApiError(
-                    503,
-                    "inference_failed",
-                    f"inference failed ({type(exc).__name__}); retry",
-                    headers={"Retry-After": "1"},
-                )
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(err)
-                continue
-            inferred = time.perf_counter()
-            if self._on_batch is not None:
-                self._on_batch(len(batch), inferred - batch[0].enqueued)
-            task = asyncio.create_task(
-                self._finish(BatchResult(model, batch, probs, features, inferred))
+            self._running += 1
+            task = asyncio.create_task(self._run(model, batch))
+            self._inferring.add(task)
+            task.add_done_callback(self._inferring.discard)
+
+    async def _run(self, model: ServedModel, batch: list[Job]) -> None:
+        """Infer one batch on ``model`` (the model it was formed for), then start its finishing."""
+        loop = asyncio.get_running_loop()
+        try:
+            probs, features = await loop.run_in_executor(self._infer_pool, _infer, model, batch)
+        except Exception as exc:  # a verified model failing at run time: ours, not the caller's
+            log.exception("event=inference_failed model=%s version=%s", model.name, model.version)
+            err = ApiError(
+                503,
+                "inference_failed",
+                f"inference failed ({type(exc).__name__}); retry",
+                headers={"Retry-After": "1"},
             )
-            self._finishing.add(task)
-            task.add_done_callback(self._finishing.discard)
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(err)
+            return
+        finally:
+            self._running -= 1
+            self._slot_freed.set()
+        inferred = time.perf_counter()
+        if self._on_batch is not None:
+            self._on_batch(len(batch), inferred - batch[0].enqueued)
+        task = asyncio.create_task(self._finish(BatchResult(model, batch, probs, features, inferred)))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
 
     async def drain(self, timeout: float) -> None:
         """Wait until queued jobs are answered and their rows written (shutdown)."""
         end = time.perf_counter() + timeout
-        while (not self._queue.empty() or self._finishing) and time.perf_counter() < end:
+        while (not self._queue.empty() or self._inferring or self._finishing) and time.perf_counter() < end:
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
@@ -180,9 +205,6 @@ class Batcher:
 def _infer(model: ServedModel, batch: list[Job]) -> tuple[np.ndarray, np.ndarray]:
     size = model.spec.input_size
     images = np.stack(
-        [
-            job.image.pixels if job.image.pixels.shape[0] == size else job.resize(size)
-            for job in batch
-        ]
+        [job.image.pixels if job.image.pixels.shape[0] == size else job.resize(size) for job in batch]
     )
     return model.run(images)

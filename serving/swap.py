@@ -134,12 +134,14 @@ class ModelManager:
         *,
         max_batch: int,
         cache_dir: Path | None,
+        runners: int = 0,
     ) -> None:
         self.source = source
         self._sessions = sessions
         self._metrics = metrics
         self._max_batch = max_batch
         self._cache_dir = cache_dir
+        self._runners = runners
         self._current: ServedModel | None = None
         self._refused: dict[tuple[str, str], str] = {}
         self._lock = asyncio.Lock()
@@ -183,6 +185,7 @@ class ModelManager:
             expected_sha256=candidate.expected_sha256,
             max_batch=self._max_batch,
             cache_dir=self._cache_dir,
+            runners=self._runners,
         )
 
     def _publish(self, model: ServedModel) -> None:

@@ -15,7 +15,7 @@ from serving_helpers import SIZE, build_contract_model, encode, make_keys
 
 from serving.artifact import ModelRefused, file_sha256, parity_images
 from serving.decode import decode_image, sniff_format
-from serving.engine import CPU, candidate_providers, load_model
+from serving.engine import CPU, HEAVY_MODEL_MS_PER_IMAGE, candidate_providers, choose_runners, load_model
 from serving.errors import ApiError, error_body
 from serving.imagestats import image_stats
 from serving.predlog import is_sampled
@@ -82,9 +82,7 @@ def test_image_stats_describe_what_the_model_sees() -> None:
     sharp = image_stats(np.repeat(checker[..., None], 3, axis=2))
     assert sharp["sharpness"] > 1000 and 120 < sharp["brightness"] < 135
     reddish = image_stats(
-        np.dstack([np.full((8, 8), 200), np.full((8, 8), 100), np.full((8, 8), 50)]).astype(
-            np.uint8
-        )
+        np.dstack([np.full((8, 8), 200), np.full((8, 8), 100), np.full((8, 8), 50)]).astype(np.uint8)
     )
     assert reddish["rg_ratio"] == pytest.approx(2.0) and reddish["bg_ratio"] == pytest.approx(0.5)
 
@@ -122,6 +120,88 @@ def test_a_good_model_is_verified_on_cpu_with_no_gpu_noise(
     assert "EP Error" not in out.out + out.err and "CUDA" not in out.err
 
 
+def test_runners_come_from_the_warm_up_timing_unless_configured(tmp_path: Path) -> None:
+    # A model slower than decoding and answering gets two batches in flight; a light one, one.
+    assert choose_runners(HEAVY_MODEL_MS_PER_IMAGE * 3) == 2
+    assert choose_runners(HEAVY_MODEL_MS_PER_IMAGE / 3) == 1
+    assert choose_runners(HEAVY_MODEL_MS_PER_IMAGE * 3, configured=1) == 1
+    assert choose_runners(0.1, configured=3) == 3
+    path = build_contract_model(tmp_path / "m.onnx")
+    light = load_model(path, name="m", version="1", expected_sha256=None, max_batch=8)
+    assert 0 < light.warmup_ms_per_image < HEAVY_MODEL_MS_PER_IMAGE and light.runners == 1
+    assert light.describe()["runners"] == 1
+    pinned = load_model(path, name="m", version="1", expected_sha256=None, max_batch=8, runners=2)
+    assert pinned.runners == 2
+
+
+def _batches_in_flight(tmp_path: Path, runners: int) -> tuple[int, int]:
+    """Push 24 images through a real Batcher on the contract model, each batch's inference
+    slowed to 50 ms; return (most batches in inference at once, images answered)."""
+    import asyncio
+    import threading
+    import time
+    from dataclasses import dataclass
+
+    from serving.batcher import Batcher, BatchResult, Job
+    from serving.decode import decode_image
+    from serving.engine import ServedModel
+
+    path = build_contract_model(tmp_path / f"m{runners}.onnx")
+    base = load_model(path, name="m", version="1", expected_sha256=None, max_batch=4)
+    lock = threading.Lock()
+    seen = {"now": 0, "most": 0}
+
+    @dataclass
+    class Slow(ServedModel):
+        def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with lock:
+                seen["now"] += 1
+                seen["most"] = max(seen["most"], seen["now"])
+            time.sleep(0.05)
+            try:
+                return super().run(images)
+            finally:
+                with lock:
+                    seen["now"] -= 1
+
+    model = Slow(**{**vars(base), "runners": runners})
+    image = decode_image(encode(np.full((SIZE, SIZE, 3), 200, np.uint8)), SIZE, 10**6)
+    answered = []
+
+    async def finish(result: BatchResult) -> None:
+        for job, probs in zip(result.jobs, result.probs, strict=True):
+            answered.append(probs)
+            job.future.set_result(probs)
+
+    async def main() -> None:
+        batcher = Batcher(
+            max_batch_size=4,
+            max_wait_ms=1,
+            queue_size=64,
+            current_model=lambda: model,
+            finish=finish,
+        )
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        jobs = [
+            Job(image, lambda s: image.pixels, None, time.perf_counter(), loop.create_future())
+            for _ in range(24)
+        ]
+        for job in jobs:
+            batcher.submit(job)
+        await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 30)
+        await batcher.drain(5)
+        await batcher.close()
+
+    asyncio.run(main())
+    return seen["most"], len(answered)
+
+
+def test_a_heavy_model_runs_two_batches_at_once_and_a_light_one_one(tmp_path: Path) -> None:
+    assert _batches_in_flight(tmp_path, runners=2) == (2, 24)
+    assert _batches_in_flight(tmp_path, runners=1) == (1, 24)
+
+
 def _refusal(path: Path, sha: str | None = None) -> ModelRefused:
     with pytest.raises(ModelRefused) as err:
         load_model(path, name="m", version="x", expected_sha256=sha, max_batch=4)
@@ -154,11 +234,7 @@ def test_v2_parse_accepts_nested_and_flat_uint8_and_base64_bytes() -> None:
     images = np.arange(2 * 4 * 4 * 3, dtype=np.int64).reshape(2, 4, 4, 3) % 256
     for data in (images.tolist(), images.flatten().tolist()):
         body = json.dumps(
-            {
-                "inputs": [
-                    {"name": "images", "shape": [2, 4, 4, 3], "datatype": "UINT8", "data": data}
-                ]
-            }
+            {"inputs": [{"name": "images", "shape": [2, 4, 4, 3], "datatype": "UINT8", "data": data}]}
         ).encode()
         parsed = parse_infer(body, None, 4)
         assert parsed.tensor is not None and np.array_equal(parsed.tensor, images.astype(np.uint8))
@@ -199,11 +275,7 @@ def test_v2_parse_accepts_nested_and_flat_uint8_and_base64_bytes() -> None:
             "0–255",
         ),
         (
-            {
-                "inputs": [
-                    {"name": "images", "shape": [1, 5, 4, 3], "datatype": "UINT8", "data": [0] * 60}
-                ]
-            },
+            {"inputs": [{"name": "images", "shape": [1, 5, 4, 3], "datatype": "UINT8", "data": [0] * 60}]},
             "shape",
         ),
         (
