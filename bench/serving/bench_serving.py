@@ -3,7 +3,9 @@
 For each model (untrained weights: speed does not depend on them) and each part size, one run
 measures, on 127.0.0.1 with N concurrent clients:
 
-* in-process limit: decode + resize (thread pool) + onnxruntime at the best batch size, no HTTP;
+* in-process limit: decode + resize (thread pool) + onnxruntime, no HTTP: the best over batch
+  sizes and over three ways of running onnxruntime (its defaults; serving's threads; serving's
+  threads with two runs at once);
 * kensa: ``kensa serve --model`` (auth, micro-batching, prediction log on SQLite);
 * naive: a FastAPI endpoint doing one decode and one ``session.run`` per request;
 * LitServe with its dynamic batching (same batch size and wait as kensa), when installed.
@@ -328,8 +330,29 @@ def bench_litserve(model: Path, parts: list[bytes], clients: int, seconds: float
         drive(url, bodies, headers, clients, 2)
         return drive(url, bodies, headers, clients, seconds)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM a process group and wait until every process in it is gone (SIGKILL at timeout).
+
+    LitServe's workers outlive its main process for a while; left running, they took half the
+    CPU from the next measurement (the in-process limit of the next model came out halved).
+    """
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout)
+    deadline, killed = time.monotonic() + timeout, False
+    while True:
+        try:
+            os.killpg(proc.pid, 0)  # raises once no process of the group is left
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            if killed:
+                return  # only unreaped zombies can be left; they use no CPU
+            os.killpg(proc.pid, signal.SIGKILL)
+            deadline, killed = time.monotonic() + 5, True
+        time.sleep(0.1)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
