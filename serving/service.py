@@ -72,7 +72,10 @@ class InspectionService:
         self._decode_pool = ThreadPoolExecutor(
             settings.decode_threads, thread_name_prefix="kensa-decode"
         )
+        # Reads (idempotency lookups) and writes (a batch's rows) go to separate threads, so a
+        # lookup never waits behind a commit; writes are as concurrent as the store allows.
         self._db_pool = ThreadPoolExecutor(2, thread_name_prefix="kensa-db")
+        self._write_pool = ThreadPoolExecutor(predlog.writers, thread_name_prefix="kensa-write")
         self._pending: dict[str, asyncio.Future[Answer]] = {}
         self._in_flight = 0
         self.batcher = Batcher(
@@ -92,6 +95,7 @@ class InspectionService:
         await self.batcher.close()
         self._decode_pool.shutdown(wait=True)
         self._db_pool.shutdown(wait=True)
+        self._write_pool.shutdown(wait=True)
 
     def _observe_batch(self, size: int, waited_s: float) -> None:
         self.metrics.batch_size.observe(size)
@@ -254,7 +258,7 @@ class InspectionService:
             )
         loop = asyncio.get_running_loop()
         try:
-            outcomes = await loop.run_in_executor(self._db_pool, self.predlog.write, rows)
+            outcomes = await loop.run_in_executor(self._write_pool, self.predlog.write, rows)
         except Exception as exc:  # the store is down: no row, so no verdict may be given
             log.error("event=log_write_failed rows=%d error=%s", len(rows), type(exc).__name__)
             err = ApiError(
