@@ -10,6 +10,9 @@ measures, on 127.0.0.1 with N concurrent clients:
 * naive: a FastAPI endpoint doing one decode and one ``session.run`` per request;
 * LitServe with its dynamic batching (same batch size and wait as kensa), when installed.
 
+The ``null`` model costs nothing to run, so its row is the ceiling of each server on this
+machine: what HTTP, decoding and (for kensa) statistics and the prediction log cost alone.
+
 Figures are printed as images/s, p50/p99 latency, and ratios to the in-process limit. The load
 generator runs on the same machine; it is ``wrk`` (C, Debian package ``wrk``) when present, so the
 clients take as little of the two cores as possible, else an httpx client in this process.
@@ -47,6 +50,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 INPUT_SIZE = 224
+# Not a zoo model: one whose inference costs nothing, to measure serving's own ceiling.
+NULL_MODEL = "null"
 
 
 def build_model(arch: str, out: Path) -> Path:
@@ -59,10 +64,18 @@ def build_model(arch: str, out: Path) -> Path:
     from models.zoo import build_model as zoo_model
 
     classes = ["ok", "defect_scratch", "defect_dent"]
-    net = zoo_model(arch, len(classes)).eval()
-    k = 8
-    with torch.no_grad():
-        d = net.embed(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)).shape[1]
+    if arch == NULL_MODEL:
+        # Costs nothing to run (a global mean and a 3 x 3 linear layer), so what serving it
+        # costs is what serving itself costs: HTTP, decoding, statistics and the log.
+        net = torch.nn.Sequential(
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, len(classes))
+        ).eval()
+        k = d = len(classes)
+    else:
+        net = zoo_model(arch, len(classes)).eval()
+        k = 8
+        with torch.no_grad():
+            d = net.embed(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)).shape[1]
     pca = (torch.zeros(d), torch.eye(k, d))
     meta = {
         "classes": classes,
@@ -424,7 +437,12 @@ def bench_naive(model: Path, parts: list[bytes], clients: int, seconds: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["mobilenet_v3_small", "resnet18"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["mobilenet_v3_small", "resnet18", NULL_MODEL],
+        help=f"zoo architectures, and '{NULL_MODEL}': a model that costs nothing to run",
+    )
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 1024])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=16)
