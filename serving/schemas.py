@@ -53,6 +53,8 @@ class ModelInfo(BaseModel):
     thresholds: dict[str, float]
     provider: str
     precision: str
+    runners: int = Field(description="Batches in inference at once (KENSA_INFERENCE_RUNNERS).")
+    warmup_ms_per_image: float = Field(description="Warm-up inference time per image, ms.")
     loaded_at: str
 
 

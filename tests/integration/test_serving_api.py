@@ -253,9 +253,10 @@ def test_metrics_show_latency_batches_queue_verdicts_by_version_and_errors(api: 
     api.post_image(solid(255))
     api.post_image(b"%PDF-1.4", media="image/png")
     text = httpx.get(f"{api.server.base}/metrics", headers=api.headers("operator")).text
-    version = httpx.get(f"{api.server.base}/admin/model", headers=api.headers("admin")).json()[
-        "model_version"
-    ]
+    info = httpx.get(f"{api.server.base}/admin/model", headers=api.headers("admin")).json()
+    version = info["model_version"]
+    # The contract model is light: one batch at a time, chosen from its warm-up timing.
+    assert info["runners"] == 1 and info["warmup_ms_per_image"] > 0
     assert (
         f'kensa_verdicts_total{{model_name="{api.model_name}",model_version="{version}",verdict="ok"}}'
         in text
