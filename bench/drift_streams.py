@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from kensa.monitoring.features import FeatureTable, build_table, image_stats
+from kensa.monitoring.reference import ReferenceProfile, build_reference, load_reference
 
 from kensa.settings import DEFAULT_CLASSES, Settings
-from monitoring.features import FeatureTable, build_table, image_stats
-from monitoring.reference import ReferenceProfile, build_reference, load_reference
 
 ROOT = Path(".kensa/bench/drift")
 IMAGE_SIZE = 64
@@ -61,11 +61,11 @@ def bench_settings() -> Settings:
 
 def prepare_model(progress: Progress | None = None) -> tuple[Path, ReferenceProfile]:
     """Dataset → trained small model → ONNX → reference profile (each step cached)."""
-    from models.data import ingest_dataset
-    from models.evaluate import evaluate_run
-    from models.export import export_run
-    from models.synthetic import LineConditions, generate_dataset
-    from models.train import TrainConfig, train
+    from kensa.models.data.ingest import ingest_dataset
+    from kensa.models.evaluation.evaluate_run import evaluate_run
+    from kensa.models.line.synthetic import LineConditions, generate_dataset
+    from kensa.models.onnx.export import export_run
+    from kensa.models.train.trainer import TrainConfig, train
 
     settings = bench_settings()
     data = ROOT / "line"
@@ -106,8 +106,7 @@ def render_stream(
 ) -> Stream:
     """Features of ``n`` parts of the line under ``overrides`` (cached by conditions and seed)."""
     import onnxruntime as ort
-
-    from models.synthetic import LineConditions, iter_parts
+    from kensa.models.line.synthetic import LineConditions, iter_parts
 
     conditions = {**BASE, **overrides}
     cache = ROOT / "streams" / f"{_key(conditions, seed, n)}.npz"

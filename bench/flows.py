@@ -28,12 +28,13 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-    from flows.stages import run_stage
+    from kensa.flows.stages import run_stage
+    from kensa.models.data.ingest import ingest_dataset
+    from kensa.models.evaluation.evaluate_run import BandPolicy
+    from kensa.models.line.synthetic import generate_dataset
+    from kensa.models.train.trainer import TrainConfig
+
     from kensa.settings import Settings
-    from models.data import ingest_dataset
-    from models.evaluate import BandPolicy
-    from models.synthetic import generate_dataset
-    from models.train import TrainConfig
 
     data = tmp / "line"
     generate_dataset(data, n=args.n, seed=0, image_size=args.image_size)
@@ -46,12 +47,10 @@ def main() -> None:
     )
     cfg = TrainConfig(model="mobilenet_v3_small", epochs=args.epochs, fraction=1.0, seed=0)
     t0 = time.perf_counter()
-    run_stage(
-        data, tmp / "plain", cfg, BandPolicy(0.9, 0.1, 0.9), None, 8, 192, show_progress=False
-    )
+    run_stage(data, tmp / "plain", cfg, BandPolicy(0.9, 0.1, 0.9), None, 8, 192, show_progress=False)
     plain = time.perf_counter() - t0
 
-    from flows.pilot import pilot
+    from kensa.flows.pilot import pilot
 
     # Cold: the first flow in a fresh environment starts the embedded Prefect API and creates
     # the MLflow and store schemas. Warm: the same flow again, as every later run sees it.
@@ -64,8 +63,10 @@ def main() -> None:
     print(f"pilot on {args.n} parts at {args.image_size} px, {args.epochs} epochs")
     print("| run | wall s | ratio to plain |\n|---|---|---|")
     print(f"| plain function calls | {plain:.1f} | 1.00× |")
-    print(f"| `pilot` flow, cold (starts Prefect API, creates MLflow + store) | {cold:.1f} | "
-          f"{cold / plain:.2f}× |")
+    print(
+        f"| `pilot` flow, cold (starts Prefect API, creates MLflow + store) | {cold:.1f} | "
+        f"{cold / plain:.2f}× |"
+    )
     print(f"| `pilot` flow, warm (Prefect + MLflow + ledger) | {warm:.1f} | {warm / plain:.2f}× |")
 
 

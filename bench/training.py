@@ -16,16 +16,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-
-from models.export import ExportGraph, export_onnx_file, working_providers
-from models.train import measure_train_throughput
-from models.zoo import build_model, count_parameters, model_names
+from kensa.models.nets.zoo import build_model, count_parameters, model_names
+from kensa.models.onnx.export import ExportGraph, export_onnx_file, working_providers
+from kensa.models.train.trainer import measure_train_throughput
 
 
 def infer_throughput_torch(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
-    graph = ExportGraph(
-        model, torch.zeros(model.embedding_dim), torch.zeros(8, model.embedding_dim)
-    )
+    graph = ExportGraph(model, torch.zeros(model.embedding_dim), torch.zeros(8, model.embedding_dim))
     graph.eval()
     with torch.no_grad():
         graph(x)
@@ -60,10 +57,7 @@ def main() -> None:
         f"torch threads, torch {torch.__version__}, onnxruntime {ort.__version__}, "
         f"providers {providers}; {size} px, batch {batch}"
     )
-    print(
-        "| model | params | train img/s | PyTorch eager infer img/s | ORT CPU infer img/s | "
-        "ORT / eager |"
-    )
+    print("| model | params | train img/s | PyTorch eager infer img/s | ORT CPU infer img/s | ORT / eager |")
     print("|---|---|---|---|---|---|")
     x_t = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,9 +72,7 @@ def main() -> None:
                 {},
                 (torch.zeros(model.embedding_dim), torch.zeros(8, model.embedding_dim)),
             )
-            onnx_rate = infer_throughput_ort(
-                path, x_t.numpy(), args.repeats, "CPUExecutionProvider"
-            )
+            onnx_rate = infer_throughput_ort(path, x_t.numpy(), args.repeats, "CPUExecutionProvider")
             print(
                 f"| {name} | {count_parameters(model) / 1e6:.1f}M | {train_rate:.0f} | "
                 f"{eager:.0f} | {onnx_rate:.0f} | {onnx_rate / eager:.2f}× |",

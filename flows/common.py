@@ -1,4 +1,5 @@
-"""What every flow needs: settings, project config, MLflow, the stage as a task, recording helpers."""
+"""What every flow needs: settings, project config, MLflow and recording helpers (no Prefect import,
+so the notebook API can share them)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kensa.flows.compute import device_hours
+from kensa.flows.config import ProjectConfig, load_project_config
+from kensa.flows.ledger import LedgerLine, record_cost
+from kensa.flows.stages import StageOutcome
+from kensa.flows.tracking import configure_mlflow, ensure_experiment, flat_metrics
+from kensa.models.evaluation.evaluate_run import BandPolicy
 from mlflow.tracking import MlflowClient
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from flows.compute import device_hours
-from flows.config import ProjectConfig, load_project_config
-from flows.ledger import LedgerLine, record_cost
-from flows.stages import StageOutcome, run_stage
-from flows.tracking import configure_mlflow, ensure_experiment, flat_metrics
 from kensa.settings import Settings
-from models.evaluate import BandPolicy
-from models.train import TrainConfig
 
 EXPERIMENT = "kensa"
 
@@ -48,31 +46,6 @@ def flow_context(config_path: str | None) -> FlowContext:
     config = load_project_config(path)
     client = configure_mlflow(settings)
     return FlowContext(settings, config, client, ensure_experiment(settings, EXPERIMENT))
-
-
-@task(name="train-evaluate-export", cache_policy=NO_CACHE)
-def stage_task(
-    data_root: Path,
-    out_dir: Path,
-    train_config: TrainConfig,
-    policy: BandPolicy,
-    reference: Path | None,
-    serving_batch: int,
-    max_robustness_images: int,
-    nproc: int = 1,
-) -> StageOutcome:
-    """One stage (train → evaluate with corruptions → export with parity → latency)."""
-    return run_stage(
-        data_root,
-        out_dir,
-        train_config,
-        policy,
-        reference,
-        serving_batch,
-        max_robustness_images,
-        show_progress=True,
-        nproc=nproc,
-    )
 
 
 def log_outcome(client: MlflowClient, run_id: str, outcome: StageOutcome) -> None:
@@ -127,14 +100,10 @@ def log_outcome(client: MlflowClient, run_id: str, outcome: StageOutcome) -> Non
     client.log_artifact(run_id, str(outcome.run_dir / "train.json"))
 
 
-def record_stage_cost(
-    ctx: FlowContext, run_id: str, stage: str, target: str, seconds: float
-) -> LedgerLine:
+def record_stage_cost(ctx: FlowContext, run_id: str, stage: str, target: str, seconds: float) -> LedgerLine:
     t = ctx.config.targets[target]
     hours = device_hours(seconds, t)
-    line = LedgerLine(
-        run_id, stage, target, None, hours, hours * t.cost_per_hour, ctx.config.currency
-    )
+    line = LedgerLine(run_id, stage, target, None, hours, hours * t.cost_per_hour, ctx.config.currency)
     record_cost(ctx.settings, line, ctx.client)
     return line
 

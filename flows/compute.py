@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flows.config import ComputeTarget, ProjectConfig
+from kensa.flows.config import ComputeTarget, ProjectConfig
 
 
 class BudgetExceededError(RuntimeError):

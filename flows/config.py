@@ -6,9 +6,9 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
+from kensa.governance.approvals import Approval
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kensa.approvals import Approval
 from kensa.settings import DEFAULT_CLASSES
 
 

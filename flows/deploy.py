@@ -65,12 +65,15 @@ def _schedule(raw: Any, where: str) -> ScheduleSpec:
     from prefect.client.schemas.schedules import CronSchedule
 
     if not isinstance(raw, dict) or ("interval" in raw) == ("cron" in raw):
-        raise DeployConfigError(f"{where}: a schedule is a mapping with exactly one of 'interval' "
-                                f"(seconds) or 'cron' (a cron line); got {raw!r}")
+        raise DeployConfigError(
+            f"{where}: a schedule is a mapping with exactly one of 'interval' "
+            f"(seconds) or 'cron' (a cron line); got {raw!r}"
+        )
     extra = set(raw) - {"interval", "cron", "timezone", "active"}
     if extra:
-        raise DeployConfigError(f"{where}: unknown schedule keys {sorted(extra)}; accepted: "
-                                "interval, cron, timezone, active")
+        raise DeployConfigError(
+            f"{where}: unknown schedule keys {sorted(extra)}; accepted: interval, cron, timezone, active"
+        )
     active = raw.get("active", True)
     timezone = raw.get("timezone")
     if "interval" in raw:
@@ -80,8 +83,9 @@ def _schedule(raw: Any, where: str) -> ScheduleSpec:
         except ValidationError:
             seconds = 0.0
         if isinstance(raw["interval"], bool) or seconds <= 0:
-            raise DeployConfigError(f"{where}: interval must be a positive number of seconds; "
-                                    f"got {raw['interval']!r}")
+            raise DeployConfigError(
+                f"{where}: interval must be a positive number of seconds; got {raw['interval']!r}"
+            )
         return ScheduleSpec(interval=seconds, timezone=timezone, active=bool(active))
     try:  # Prefect's own validation of the cron line and the time zone
         CronSchedule(cron=str(raw["cron"]), timezone=timezone)
@@ -94,9 +98,12 @@ def _server_schedule_key(schedule: Any) -> tuple[Any, ...]:
     """The same key for a schedule read back from the server."""
     inner = schedule.schedule
     interval = getattr(inner, "interval", None)
-    return (interval.total_seconds() if interval is not None else None,
-            getattr(inner, "cron", None), getattr(inner, "timezone", None) or "UTC",
-            bool(schedule.active))
+    return (
+        interval.total_seconds() if interval is not None else None,
+        getattr(inner, "cron", None),
+        getattr(inner, "timezone", None) or "UTC",
+        bool(schedule.active),
+    )
 
 
 @dataclass(frozen=True)
@@ -172,8 +179,7 @@ def load_prefect_yaml(path: Path) -> DeployPlan:
 def _pools(raw: dict[str, Any], path: Path) -> list[PoolSpec]:
     entries = (raw.get("definitions") or {}).get("pools")
     if not isinstance(entries, list) or not entries:
-        raise DeployConfigError(
-            f"{path}: definitions.pools must list the work pools (name, type) to create")
+        raise DeployConfigError(f"{path}: definitions.pools must list the work pools (name, type) to create")
     pools = []
     for i, entry in enumerate(entries):
         where = f"{path}: definitions.pools[{i}]"
@@ -181,26 +187,31 @@ def _pools(raw: dict[str, Any], path: Path) -> list[PoolSpec]:
             raise DeployConfigError(f"{where} needs a name and a type; got {entry!r}")
         unknown = set(entry) - {"name", "type", "description", "gpus"}
         if unknown:
-            raise DeployConfigError(f"{where}: unknown keys {sorted(unknown)}; accepted: "
-                                    "name, type, description, gpus")
+            raise DeployConfigError(
+                f"{where}: unknown keys {sorted(unknown)}; accepted: name, type, description, gpus"
+            )
         gpus = entry.get("gpus", 0)
         if not isinstance(gpus, int) or gpus < 0:
             raise DeployConfigError(f"{where}: gpus must be a whole number ≥ 0; got {gpus!r}")
-        pools.append(PoolSpec(str(entry["name"]), str(entry["type"]),
-                              str(entry.get("description", "")), gpus))
+        pools.append(
+            PoolSpec(str(entry["name"]), str(entry["type"]), str(entry.get("description", "")), gpus)
+        )
     return pools
 
 
-def _deployment(cfg: dict[str, Any], actions: dict[str, Any], pools: set[str],
-                where: str) -> DeploymentSpec:
+def _deployment(cfg: dict[str, Any], actions: dict[str, Any], pools: set[str], where: str) -> DeploymentSpec:
     name, entrypoint = cfg.get("name"), cfg.get("entrypoint")
     pool = (cfg.get("work_pool") or {}).get("name")
     if not name or not entrypoint or ":" not in entrypoint:
-        raise DeployConfigError(f"{where} needs a name and an entrypoint 'file.py:flow'; "
-                                f"got name={name!r} entrypoint={entrypoint!r}")
+        raise DeployConfigError(
+            f"{where} needs a name and an entrypoint 'file.py:flow'; "
+            f"got name={name!r} entrypoint={entrypoint!r}"
+        )
     if pool not in pools:
-        raise DeployConfigError(f"{where} ({name}): work_pool.name {pool!r} is not declared "
-                                f"under definitions.pools; declared: {sorted(pools)}")
+        raise DeployConfigError(
+            f"{where} ({name}): work_pool.name {pool!r} is not declared "
+            f"under definitions.pools; declared: {sorted(pools)}"
+        )
     # A deployment's own pull steps replace the file's top-level ones, as in `prefect deploy`.
     pull = cfg["pull"] if "pull" in cfg else actions.get("pull")
     tags = cfg.get("tags") or []
@@ -210,15 +221,19 @@ def _deployment(cfg: dict[str, Any], actions: dict[str, Any], pools: set[str],
     if not isinstance(schedules, list):
         raise DeployConfigError(f"{where} ({name}): schedules must be a list; got {schedules!r}")
     return DeploymentSpec(
-        name=name, entrypoint=entrypoint, work_pool=pool,
+        name=name,
+        entrypoint=entrypoint,
+        work_pool=pool,
         work_queue=(cfg.get("work_pool") or {}).get("work_queue_name"),
         parameters=dict(cfg.get("parameters") or {}),
         job_variables=dict((cfg.get("work_pool") or {}).get("job_variables") or {}),
-        tags=tuple(str(t) for t in tags), description=cfg.get("description"),
+        tags=tuple(str(t) for t in tags),
+        description=cfg.get("description"),
         enforce_parameter_schema=cfg.get("enforce_parameter_schema", True) is not False,
         pull_steps=tuple(pull or ()),
-        schedules=tuple(_schedule(raw, f"{where} ({name}) schedules[{i}]")
-                        for i, raw in enumerate(schedules)),
+        schedules=tuple(
+            _schedule(raw, f"{where} ({name}) schedules[{i}]") for i, raw in enumerate(schedules)
+        ),
     )
 
 
@@ -249,14 +264,19 @@ def request_gpus(template: dict[str, Any], gpus: int) -> dict[str, Any]:
         container = pod["containers"][0]
         properties = tpl["variables"]["properties"]
     except (KeyError, IndexError, TypeError) as exc:
-        raise DeployError(f"the kubernetes base job template has no pod container ({exc!r}); "
-                          "cannot add the GPU request") from None
+        raise DeployError(
+            f"the kubernetes base job template has no pod container ({exc!r}); cannot add the GPU request"
+        ) from None
     limits = container.setdefault("resources", {}).setdefault("limits", {})
     limits[GPU_RESOURCE] = "{{ gpu_limit }}"
     pod.setdefault("tolerations", []).append(
-        {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+        {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+    )
     properties["gpu_limit"] = {
-        "title": "GPU limit", "type": "integer", "minimum": 0, "default": gpus,
+        "title": "GPU limit",
+        "type": "integer",
+        "minimum": 0,
+        "default": gpus,
         "description": f"{GPU_RESOURCE} each flow-run pod asks for.",
     }
     return tpl
@@ -270,8 +290,10 @@ async def _pool_template(pool: PoolSpec) -> dict[str, Any]:
     # how a kubernetes pool gets its template without prefect-kubernetes installed here.
     template = await get_default_base_job_template_for_infrastructure_type(pool.type)
     if template is None:
-        raise DeployError(f"no base job template is known for work pool type {pool.type!r} "
-                          f"({pool.name}); install its worker package (prefect-{pool.type})")
+        raise DeployError(
+            f"no base job template is known for work pool type {pool.type!r} "
+            f"({pool.name}); install its worker package (prefect-{pool.type})"
+        )
     if pool.gpus and pool.type == "kubernetes":
         template = request_gpus(template, pool.gpus)
     return template
@@ -287,20 +309,27 @@ async def ensure_work_pool(client: PrefectClient, pool: PoolSpec) -> Applied:
     try:
         existing = await client.read_work_pool(pool.name)
     except ObjectNotFound:
-        await client.create_work_pool(WorkPoolCreate(
-            name=pool.name, type=pool.type, description=pool.description or None,
-            base_job_template=template))
+        await client.create_work_pool(
+            WorkPoolCreate(
+                name=pool.name,
+                type=pool.type,
+                description=pool.description or None,
+                base_job_template=template,
+            )
+        )
         return Applied("work pool", pool.name, "created", detail)
     if existing.type != pool.type:
         # Prefect cannot change a pool's type in place; deleting it would orphan its runs.
-        raise DeployError(f"work pool {pool.name} exists with type {existing.type!r}, "
-                          f"prefect.yaml wants {pool.type!r}; delete it first "
-                          f"(prefect work-pool delete {pool.name}) or rename it")
-    if existing.base_job_template == template and (existing.description or "") == \
-            pool.description:
+        raise DeployError(
+            f"work pool {pool.name} exists with type {existing.type!r}, "
+            f"prefect.yaml wants {pool.type!r}; delete it first "
+            f"(prefect work-pool delete {pool.name}) or rename it"
+        )
+    if existing.base_job_template == template and (existing.description or "") == pool.description:
         return Applied("work pool", pool.name, "unchanged", detail)
-    await client.update_work_pool(pool.name, WorkPoolUpdate(
-        description=pool.description or None, base_job_template=template))
+    await client.update_work_pool(
+        pool.name, WorkPoolUpdate(description=pool.description or None, base_job_template=template)
+    )
     return Applied("work pool", pool.name, "updated", detail)
 
 
@@ -324,16 +353,21 @@ async def ensure_deployment(client: PrefectClient, spec: DeploymentSpec, repo_di
 
     source = repo_dir / spec.entrypoint_file
     if not source.is_file():
-        return Applied("deployment", spec.name, "skipped",
-                       f"{spec.entrypoint_file} does not exist yet in {repo_dir}")
+        return Applied(
+            "deployment", spec.name, "skipped", f"{spec.entrypoint_file} does not exist yet in {repo_dir}"
+        )
     absolute = f"{source.resolve()}:{spec.entrypoint.rsplit(':', 1)[1]}"
     flow_name, schema = await asyncio.to_thread(_flow_identity, absolute)
     desired: dict[str, Any] = {
-        "entrypoint": spec.entrypoint, "work_pool_name": spec.work_pool,
-        "work_queue_name": spec.work_queue or "default", "parameters": spec.parameters,
-        "job_variables": spec.job_variables, "tags": sorted(spec.tags),
-        "description": spec.description, "enforce_parameter_schema":
-        spec.enforce_parameter_schema, "pull_steps": pin_repo_dir(spec.pull_steps, repo_dir),
+        "entrypoint": spec.entrypoint,
+        "work_pool_name": spec.work_pool,
+        "work_queue_name": spec.work_queue or "default",
+        "parameters": spec.parameters,
+        "job_variables": spec.job_variables,
+        "tags": sorted(spec.tags),
+        "description": spec.description,
+        "enforce_parameter_schema": spec.enforce_parameter_schema,
+        "pull_steps": pin_repo_dir(spec.pull_steps, repo_dir),
         "parameter_openapi_schema": schema,
     }
     full_name = f"{flow_name}/{spec.name}"
@@ -357,8 +391,9 @@ async def ensure_deployment(client: PrefectClient, spec: DeploymentSpec, repo_di
     flow_id = await client.create_flow_from_name(flow_name)
     # The server upserts on (flow, name): the same call creates or replaces the deployment, and
     # replaces its schedules with these (none declared = none kept).
-    await client.create_deployment(flow_id=flow_id, name=spec.name,
-                                   schedules=_schedule_creates(spec.schedules), **desired)
+    await client.create_deployment(
+        flow_id=flow_id, name=spec.name, schedules=_schedule_creates(spec.schedules), **desired
+    )
     return Applied("deployment", full_name, "created" if existing is None else "updated", detail)
 
 
@@ -383,8 +418,7 @@ async def apply_plan(plan: DeployPlan, repo_dir: Path) -> list[Applied]:
     async with get_client() as client:
         unhealthy = await client.api_healthcheck()
         if unhealthy is not None:
-            raise DeployError(f"the Prefect API at {client.api_url} is not reachable: "
-                              f"{unhealthy}")
+            raise DeployError(f"the Prefect API at {client.api_url} is not reachable: {unhealthy}")
         for pool in plan.pools:
             applied.append(await ensure_work_pool(client, pool))
         for spec in plan.deployments:

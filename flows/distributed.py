@@ -8,8 +8,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from flows.config import ComputeTarget
-from models.train import TrainConfig
+from kensa.flows.config import ComputeTarget
+from kensa.models.train.trainer import TrainConfig
 
 
 def processes_for(target: ComputeTarget) -> int:

@@ -16,21 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from kensa.flows.choose import tco
+from kensa.flows.common import EXPERIMENT, FlowContext, planned_parts_millions, serving_cost_per_million
+from kensa.flows.config import ProjectConfig
+from kensa.flows.gate import GateResult, GateRow, corrupted_escape, evaluate_gate
+from kensa.flows.register import register_candidate
+from kensa.flows.stages import measure_latency
+from kensa.flows.tracking import configure_mlflow, ensure_experiment, flat_metrics, log_dataset_input
+from kensa.models.data.ingest import DatasetVersion
+from kensa.models.evaluation.assess_model import Assessment, EvalOptions
+from kensa.models.evaluation.evaluate_run import BandPolicy
+from kensa.models.onnx.export import PARITY_ATOL
 from mlflow.tracking import MlflowClient
 
-from flows.choose import tco
-from flows.common import EXPERIMENT, FlowContext, planned_parts_millions, serving_cost_per_million
-from flows.config import ProjectConfig
-from flows.gate import GateResult, GateRow, corrupted_escape, evaluate_gate
-from flows.registry import register_candidate
-from flows.stages import measure_latency
-from flows.tracking import configure_mlflow, ensure_experiment, flat_metrics, log_dataset_input
 from kensa.registry import ALIAS_CHAMPION
 from kensa.settings import Settings
-from models.assess import Assessment, EvalOptions
-from models.data import DatasetVersion
-from models.evaluate import BandPolicy
-from models.export import PARITY_ATOL
 
 log = logging.getLogger("kensa.flows.experiments")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from flows.config import KPI
+from kensa.flows.config import KPI
 
 
 class GateFailedError(RuntimeError):

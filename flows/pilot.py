@@ -10,17 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from kensa.flows.common import FlowContext, flow_context, log_outcome, record_stage_cost
+from kensa.flows.compute import check_budget, estimate_training
+from kensa.flows.distributed import processes_for
+from kensa.flows.gate import GateFailedError, evaluate_gate
+from kensa.flows.tasks import stage_task
+from kensa.flows.tracking import log_dataset_input
+from kensa.models.data.ingest import load_dataset
+from kensa.models.train.trainer import TrainConfig, dataset_image_size, measure_train_throughput
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-
-from flows.common import FlowContext, flow_context, log_outcome, record_stage_cost, stage_task
-from flows.compute import check_budget, estimate_training
-from flows.distributed import processes_for
-from flows.gate import GateFailedError, evaluate_gate
-from flows.tracking import log_dataset_input
-from models.data import load_dataset
-from models.train import TrainConfig, dataset_image_size, measure_train_throughput
 
 
 @task(name="estimate-pilot-cost", cache_policy=NO_CACHE)
@@ -29,9 +29,7 @@ def estimate_pilot(ctx: FlowContext, data_root: Path) -> dict[str, Any]:
     ds = load_dataset(data_root)
     p = ctx.config.pilot
     size = dataset_image_size(ds)
-    rate = measure_train_throughput(
-        p.model, size, len(ds.classes), ctx.config.targets[p.target].device
-    )
+    rate = measure_train_throughput(p.model, size, len(ds.classes), ctx.config.targets[p.target].device)
     images = round(len(ds.split("train")) * p.fraction) * p.epochs
     est = estimate_training("pilot", p.target, ctx.config, images, rate, p.budget)
     check_budget([est], p.budget, ctx.config.currency)
@@ -113,8 +111,7 @@ def pilot(
             "pilot_cost": cost.cost,
             "currency": ctx.config.currency,
             "pilot_metrics": {
-                k: outcome.metrics[k]
-                for k in ("escape_rate", "false_reject_rate", "automation_rate")
+                k: outcome.metrics[k] for k in ("escape_rate", "false_reject_rate", "automation_rate")
             },
         }
         if not gate.passed:
@@ -125,7 +122,7 @@ def pilot(
         logger.info(gate.message())
 
     if continue_to_sweep:
-        from flows.sweep import sweep
+        from kensa.flows.sweep import sweep
 
         # The pilot is one point of the sweep's grid when its config matches one exactly: the
         # sweep takes it over instead of training and paying for it a second time.
@@ -152,7 +149,7 @@ def pilot(
             reuse=reuse,
         )
         if wait_for_approval:
-            from flows.approval import wait_for_approval as wait
+            from kensa.flows.approval import wait_for_approval as wait
 
             summary["approval"] = wait(
                 summary["sweep"]["model_name"],

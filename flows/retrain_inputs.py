@@ -9,6 +9,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import mlflow
+from kensa.models.data.ingest import load_dataset
+from kensa.models.data.reviewed import LabelledImage
+from kensa.models.data.validate import DatasetError
+from kensa.models.onnx.contract import read_metadata, sha256_file
+from kensa.models.train.trainer import TrainConfig
 from mlflow.tracking import MlflowClient
 from sqlalchemy import select
 
@@ -16,11 +21,6 @@ from kensa.registry import ALIAS_CHAMPION, ONNX_FILE, TAG_DATASET_VERSION, TAG_S
 from kensa.settings import Settings
 from kensa.store.connect import open_store
 from kensa.store.models import Prediction, ReviewItem
-from models.contract import read_metadata, sha256_file
-from models.data import load_dataset
-from models.review_data import LabelledImage
-from models.train import TrainConfig
-from models.validate import DatasetError
 
 # A review label that means "I could not tell": never training data.
 UNSURE = "unsure"
@@ -55,8 +55,7 @@ class Champion:
             )
         known = set(TrainConfig.__dataclass_fields__)
         config = {k: v for k, v in raw.items() if k in known}
-        config.update(fraction=1.0, seed=seed, device=device,
-                      image_size=int(self.metadata["input_size"]))
+        config.update(fraction=1.0, seed=seed, device=device, image_size=int(self.metadata["input_size"]))
         return TrainConfig(**config)
 
 
@@ -74,13 +73,17 @@ def load_champion(client: MlflowClient, name: str, dst: Path) -> Champion:
     onnx_path = Path(local) / ONNX_FILE
     expected = mv.tags.get(TAG_SHA256)
     if expected and sha256_file(onnx_path) != expected:
-        raise RetrainError(f"{name}/{mv.version}: the downloaded ONNX file does not match the "
-                           "SHA-256 recorded at registration; refusing to compare against it")
+        raise RetrainError(
+            f"{name}/{mv.version}: the downloaded ONNX file does not match the "
+            "SHA-256 recorded at registration; refusing to compare against it"
+        )
     meta = read_metadata(onnx_path)
     dataset_version = mv.tags.get(TAG_DATASET_VERSION) or str(meta.get("dataset_version", ""))
     if not dataset_version:
-        raise RetrainError(f"{name}/{mv.version} names no dataset version "
-                           f"(tag {TAG_DATASET_VERSION}); cannot tell what it was trained on")
+        raise RetrainError(
+            f"{name}/{mv.version} names no dataset version "
+            f"(tag {TAG_DATASET_VERSION}); cannot tell what it was trained on"
+        )
     return Champion(name, str(mv.version), mv.run_id, dataset_version, onnx_path, meta)
 
 
@@ -101,8 +104,7 @@ def find_dataset(client: MlflowClient, champion: Champion, experiment_ids: list[
     """
     wanted = champion.dataset_version
     runs = [client.get_run(champion.run_id)] if champion.run_id else []
-    runs += client.search_runs(experiment_ids, f"tags.`{TAG_DATASET_VERSION}` = '{wanted}'",
-                               max_results=50)
+    runs += client.search_runs(experiment_ids, f"tags.`{TAG_DATASET_VERSION}` = '{wanted}'", max_results=50)
     seen: set[Path] = set()
     for run in runs:
         for di in run.inputs.dataset_inputs if run.inputs else []:
@@ -142,6 +144,9 @@ def labelled_reviews(settings: Settings) -> tuple[list[LabelledImage], dict[str,
             if not item.image_path:
                 skipped["image_not_stored"] = skipped.get("image_not_stored", 0) + 1
                 continue
-            images.append(LabelledImage(Path(item.image_path), label, int(item.id), part_id,
-                                        item.line_id, item.camera_id))
+            images.append(
+                LabelledImage(
+                    Path(item.image_path), label, int(item.id), part_id, item.line_id, item.camera_id
+                )
+            )
     return images, skipped

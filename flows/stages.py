@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from models.evaluate import BandPolicy, evaluate_run
-from models.export import cpu_session, export_run
-from models.train import TrainConfig, TrainResult, train
+from kensa.models.evaluation.evaluate_run import BandPolicy, evaluate_run
+from kensa.models.onnx.export import cpu_session, export_run
+from kensa.models.train.trainer import TrainConfig, TrainResult, train
 
 
 @dataclass
@@ -79,7 +78,7 @@ def run_stage(
     """
     t0 = time.perf_counter()
     if nproc > 1:
-        from flows.distributed import train_distributed
+        from kensa.flows.distributed import train_distributed
 
         train_distributed(data_root, config, out_dir, nproc)
         result = load_train_result(out_dir)

@@ -12,33 +12,32 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
-
-from flows.choose import Trial, choose, tco
-from flows.common import (
+from kensa.flows.choose import Trial, choose, tco
+from kensa.flows.common import (
     FlowContext,
     flow_context,
     log_outcome,
     planned_parts_millions,
     record_stage_cost,
     serving_cost_per_million,
-    stage_task,
     write_json,
 )
-from flows.compute import Estimate, check_budget, estimate_training, place_trials
-from flows.distributed import processes_for
-from flows.gate import GateFailedError, corrupted_escape, evaluate_gate
-from flows.ledger import LedgerLine, attach_model_version
-from flows.plots import plot_cost_frontier, plot_scaling
-from flows.registry import register_candidate
-from flows.stages import StageOutcome
-from flows.tracking import log_dataset_input
-from models.data import load_dataset
-from models.scaling import effective_robustness, fit_power_law
-from models.train import TrainConfig, dataset_image_size, measure_train_throughput
+from kensa.flows.compute import Estimate, check_budget, estimate_training, place_trials
+from kensa.flows.distributed import processes_for
+from kensa.flows.gate import GateFailedError, corrupted_escape, evaluate_gate
+from kensa.flows.ledger import LedgerLine, attach_model_version
+from kensa.flows.register import register_candidate
+from kensa.flows.stages import StageOutcome
+from kensa.flows.sweep_plots import plot_cost_frontier, plot_scaling
+from kensa.flows.tasks import stage_task
+from kensa.flows.tracking import log_dataset_input
+from kensa.models.data.ingest import load_dataset
+from kensa.models.evaluation.scaling import effective_robustness, fit_power_law
+from kensa.models.train.trainer import TrainConfig, dataset_image_size, measure_train_throughput
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
 
 @task(name="estimate-sweep-cost", cache_policy=NO_CACHE)
@@ -52,9 +51,7 @@ def estimate_sweep(ctx: FlowContext, data_root: Path) -> list[Estimate]:
     rates = {m: measure_train_throughput(m, size, len(ds.classes)) for m in s.models}
     n_train = len(ds.split("train"))
     estimates = [
-        estimate_training(
-            f"sweep:{m}@{f}", t, ctx.config, round(n_train * f) * s.epochs, rates[m], s.budget
-        )
+        estimate_training(f"sweep:{m}@{f}", t, ctx.config, round(n_train * f) * s.epochs, rates[m], s.budget)
         for (m, f), t in zip(grid, targets, strict=True)
     ]
     check_budget(estimates, s.budget, ctx.config.currency)
@@ -78,9 +75,7 @@ def _fits(trials: list[Trial]) -> dict[str, Any]:
     for model in sorted({t.model for t in trials}):
         pts = sorted((t for t in trials if t.model == model), key=lambda t: t.train_images)
         fits["error_vs_data"][model] = {
-            "clean": fit_power_law(
-                [t.train_images for t in pts], [t.clean_error for t in pts]
-            ).to_dict(),
+            "clean": fit_power_law([t.train_images for t in pts], [t.clean_error for t in pts]).to_dict(),
             "corrupted": fit_power_law(
                 [t.train_images for t in pts], [t.corrupted_error for t in pts]
             ).to_dict(),

@@ -37,9 +37,7 @@ def ensure_experiment(settings: Settings, name: str) -> str:
     if found is not None:
         return found.experiment_id
     # A tracking server decides its own artifact store; the embedded default keeps them local.
-    location = (
-        settings.artifacts_dir.resolve().as_uri() if not settings.mlflow_tracking_uri else None
-    )
+    location = settings.artifacts_dir.resolve().as_uri() if not settings.mlflow_tracking_uri else None
     return client.create_experiment(name, artifact_location=location)
 
 

@@ -10,18 +10,18 @@ __version__ = "0.1.0"
 # The notebook API, imported on first use so `import kensa` (and `kensa --help`) stays light:
 # these pull in torch, MLflow and the flows.
 _LAZY = {
-    "ExperimentData": "flows.experiments",
-    "ExperimentResult": "flows.experiments",
-    "open_dataset": "flows.experiments",
-    "log_experiment": "flows.experiments",
-    "register_model": "flows.experiments",
-    "IncompatibleModelError": "flows.experiments",
-    "compare_versions": "flows.comparison",
+    "ExperimentData": "kensa.notebook.experiments",
+    "ExperimentResult": "kensa.notebook.experiments",
+    "open_dataset": "kensa.notebook.experiments",
+    "log_experiment": "kensa.notebook.experiments",
+    "register_model": "kensa.notebook.experiments",
+    "IncompatibleModelError": "kensa.notebook.experiments",
+    "compare_versions": "kensa.notebook.compare",
 }
 
 if TYPE_CHECKING:
-    from flows.comparison import compare_versions
-    from flows.experiments import (
+    from kensa.notebook.compare import compare_versions
+    from kensa.notebook.experiments import (
         ExperimentData,
         ExperimentResult,
         IncompatibleModelError,

@@ -29,12 +29,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KENSA_", env_file=None, extra="ignore")
 
     data_dir: Path = Field(Path(".kensa"), description="Where embedded stores and artifacts live.")
-    store_url: str = Field(
-        "", description="SQLAlchemy URL of the store; empty = SQLite in data_dir."
-    )
-    mlflow_tracking_uri: str = Field(
-        "", description="MLflow tracking URI; empty = SQLite in data_dir."
-    )
+    store_url: str = Field("", description="SQLAlchemy URL of the store; empty = SQLite in data_dir.")
+    mlflow_tracking_uri: str = Field("", description="MLflow tracking URI; empty = SQLite in data_dir.")
     prefect_api_url: str = Field("", description="Prefect API URL; empty = embedded ephemeral API.")
     project_config: Path | None = Field(None, description="Path of kensa.toml (project config).")
 
@@ -105,9 +101,7 @@ class Settings(BaseSettings):
     @classmethod
     def _ok_first(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value or value[0] != "ok" or len(set(value)) != len(value) or len(value) < 2:
-            msg = (
-                f"classes must start with 'ok', be unique and name at least one defect; got {value}"
-            )
+            msg = f"classes must start with 'ok', be unique and name at least one defect; got {value}"
             raise ValueError(msg)
         return value
 

@@ -20,20 +20,15 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
-
-from kensa.settings import Settings
-from kensa.store.models import DriftResult, ReviewItem, utcnow
-from monitoring.alerts import SYSTEM_ACTOR, find_active, open_alert, resolve
-from monitoring.estimate import Calibrator, estimate_window
-from monitoring.features import SCALAR_COLUMNS, FeatureTable, table_from_rows
-from monitoring.policy import DriftPolicy, WindowScore
-from monitoring.policy_store import PolicyStore
-from monitoring.reference import ReferenceProfile, fetch_reference
-from monitoring.report import column_scores, embedding_drift, write_report
-from monitoring.spc_check import check_spc
-from monitoring.windows import (
+from kensa.monitoring.alerts import SYSTEM_ACTOR, find_active, open_alert, resolve
+from kensa.monitoring.estimate import Calibrator, estimate_window
+from kensa.monitoring.features import SCALAR_COLUMNS, FeatureTable, table_from_rows
+from kensa.monitoring.policy import DriftPolicy, WindowScore
+from kensa.monitoring.policy_store import PolicyStore
+from kensa.monitoring.reference import ReferenceProfile, fetch_reference
+from kensa.monitoring.report import column_scores, embedding_drift, write_report
+from kensa.monitoring.spc_check import check_spc
+from kensa.monitoring.windows import (
     Group,
     Window,
     count_windows,
@@ -42,6 +37,11 @@ from monitoring.windows import (
     merge_cameras,
     time_windows,
 )
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from kensa.settings import Settings
+from kensa.store.models import DriftResult, ReviewItem, utcnow
 
 log = logging.getLogger("kensa.monitoring.drift")
 

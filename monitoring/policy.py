@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from monitoring.features import SCALAR_COLUMNS, FeatureTable
+from kensa.monitoring.features import SCALAR_COLUMNS, FeatureTable
 
 LEVELS: tuple[str, ...] = ("none", "warning", "critical")
 

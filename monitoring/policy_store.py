@@ -12,10 +12,11 @@ import json
 import logging
 from pathlib import Path
 
+from kensa.monitoring.policy import DriftPolicy, calibrate, load_policy, save_policy
+from kensa.monitoring.reference import ReferenceProfile
+from kensa.monitoring.spc import PChart, calibrate_chart
+
 from kensa.settings import Settings
-from monitoring.policy import DriftPolicy, calibrate, load_policy, save_policy
-from monitoring.reference import ReferenceProfile
-from monitoring.spc import PChart, calibrate_chart
 
 log = logging.getLogger("kensa.monitoring.policy_store")
 

@@ -18,10 +18,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from kensa.monitoring.estimate import Calibrator, fit_calibrator
+from kensa.monitoring.features import SCALAR_COLUMNS, FeatureTable, build_table, image_stats
 
 from kensa.settings import Settings
-from monitoring.estimate import Calibrator, fit_calibrator
-from monitoring.features import SCALAR_COLUMNS, FeatureTable, build_table, image_stats
 
 log = logging.getLogger("kensa.monitoring.reference")
 
@@ -152,8 +152,7 @@ def profile_from_images(
 ) -> ReferenceProfile:
     """Run the ONNX model on uint8 NHWC ``images`` and profile them (stats, probs, features)."""
     import onnxruntime as ort
-
-    from models.contract import read_metadata
+    from kensa.models.onnx.contract import read_metadata
 
     meta = read_metadata(onnx_path)
     opts = ort.SessionOptions()
@@ -183,9 +182,9 @@ def profile_from_images(
 
 def build_reference(onnx_path: Path, dataset_root: Path, *, split: str = "calibration") -> ReferenceProfile:
     """The reference profile of an exported model on one split of its dataset version."""
-    from models.contract import read_metadata
-    from models.data import load_dataset
-    from models.datasets import load_image
+    from kensa.models.data.ingest import load_dataset
+    from kensa.models.data.parts import load_image
+    from kensa.models.onnx.contract import read_metadata
 
     ds = load_dataset(dataset_root)
     size = int(read_metadata(onnx_path)["input_size"])

@@ -13,6 +13,16 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kensa.serving.console import mount_console
+from kensa.serving.errors import ApiError, error_body
+from kensa.serving.inference.predlog import ImageStore, PredictionLog
+from kensa.serving.inference.service import InspectionService
+from kensa.serving.inference.swap import FileSource, ModelManager, ModelSource, RegistrySource
+from kensa.serving.metrics import Metrics
+from kensa.serving.routes import admin, inspect, metrics, v2
+from kensa.serving.security.auth import AuthMiddleware, KeyCache, route_template
+from kensa.serving.security.limits import BodyLimitMiddleware
+from kensa.serving.state import ServingState
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Route
@@ -22,16 +32,6 @@ from kensa import __version__
 from kensa.settings import Settings
 from kensa.store.engine import make_engine, make_session_factory
 from kensa.store.migrate import upgrade
-from serving.auth import AuthMiddleware, KeyCache, route_template
-from serving.console import mount_console
-from serving.errors import ApiError, error_body
-from serving.limits import BodyLimitMiddleware
-from serving.metrics import Metrics
-from serving.predlog import ImageStore, PredictionLog
-from serving.routes import admin, inspect, metrics, v2
-from serving.service import InspectionService
-from serving.state import ServingState
-from serving.swap import FileSource, ModelManager, ModelSource, RegistrySource
 
 log = logging.getLogger("kensa.serving.app")
 
@@ -73,9 +73,7 @@ class MetricsMiddleware:
 def _error_response(
     request: Request, status: int, code: str, detail: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse(
-        error_body(request.url.path, code, detail), status_code=status, headers=headers
-    )
+    return JSONResponse(error_body(request.url.path, code, detail), status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -97,22 +95,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = str(exc.detail)
         if exc.status_code == 404:
             detail = f"no route {request.url.path[:200]!r}; see /openapi.json for the routes"
-        return _error_response(
-            request, exc.status_code, code, detail, dict(exc.headers or {}) or None
-        )
+        return _error_response(request, exc.status_code, code, detail, dict(exc.headers or {}) or None)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug, never bad input: log it with the trace, tell the caller nothing internal.
         log.exception("event=unhandled_error path=%s", request.url.path)
-        return _error_response(
-            request, 500, "internal_error", "an internal error occurred; it was logged"
-        )
+        return _error_response(request, 500, "internal_error", "an internal error occurred; it was logged")
 
 
-def make_source(
-    settings: Settings, model_file: Path | None, registry_name: str | None
-) -> ModelSource:
+def make_source(settings: Settings, model_file: Path | None, registry_name: str | None) -> ModelSource:
     """A file source when a model file is given, else the registry's champion alias."""
     if model_file is not None:
         return FileSource(model_file)
@@ -157,15 +149,11 @@ def create_app(
         app.state.kensa = state
         first = await models.check()
         if model_file is not None and first.status != "swapped":
-            raise RuntimeError(
-                f"cannot serve {model_file.name}: {first.reason or 'file not found'}"
-            )
+            raise RuntimeError(f"cannot serve {model_file.name}: {first.reason or 'file not found'}")
         if first.serving is None:
             log.warning("event=no_model_at_start status=%s reason=%r", first.status, first.reason)
         service.start()
-        watcher = asyncio.create_task(
-            models.watch(settings.champion_poll_s), name="kensa-champion-watch"
-        )
+        watcher = asyncio.create_task(models.watch(settings.champion_poll_s), name="kensa-champion-watch")
         try:
             yield
         finally:
@@ -197,8 +185,6 @@ def create_app(
     routes += [r for r in app.router.routes if isinstance(r, Route)]
     # Added last = outermost: metrics see everything; auth runs before the body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(
-        AuthMiddleware, routes=routes, app_routes=app.router.routes, keys=KeyCache(sessions)
-    )
+    app.add_middleware(AuthMiddleware, routes=routes, app_routes=app.router.routes, keys=KeyCache(sessions))
     app.add_middleware(MetricsMiddleware, routes=routes, metrics=metrics_)
     return app

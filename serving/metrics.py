@@ -51,9 +51,7 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("kensa_queue_depth", "Images waiting for inference.", registry=r)
-        self.in_flight = Gauge(
-            "kensa_requests_in_flight", "Inference requests being handled.", registry=r
-        )
+        self.in_flight = Gauge("kensa_requests_in_flight", "Inference requests being handled.", registry=r)
         self.verdicts = Counter(
             "kensa_verdicts_total",
             "Verdicts given, by model version and verdict.",

@@ -10,9 +10,9 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from kensa.serving.app import create_app
 
 from kensa.settings import Settings
-from serving.app import create_app
 
 log = logging.getLogger("kensa.serving.server")
 
@@ -31,9 +31,7 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig != signal.SIGTERM or self._draining:
-            super().handle_exit(
-                sig, frame
-            )  # Ctrl-C, or a second SIGTERM: stop now (still graceful)
+            super().handle_exit(sig, frame)  # Ctrl-C, or a second SIGTERM: stop now (still graceful)
             return
         self._draining = True
         state = getattr(self._app.state, "kensa", None)
@@ -55,9 +53,7 @@ def configure_logging(level: str) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def serve(
-    settings: Settings, *, model_file: Path | None = None, registry_name: str | None = None
-) -> None:
+def serve(settings: Settings, *, model_file: Path | None = None, registry_name: str | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C; blocks."""
     configure_logging(settings.log_level)
     app = create_app(settings, model_file=model_file, registry_name=registry_name)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi import Request
+from kensa.serving.errors import ApiError
+from kensa.serving.inference.service import InspectionService
+from kensa.serving.inference.swap import ModelManager
+from kensa.serving.metrics import Metrics
+from kensa.serving.security.auth import Principal
 
 from kensa.settings import Settings
-from serving.auth import Principal
-from serving.errors import ApiError
-from serving.metrics import Metrics
-from serving.service import InspectionService
-from serving.swap import ModelManager
 
 # Longest accepted caller-supplied id (the store's columns are 255 characters).
 MAX_ID_CHARS = 255
@@ -56,7 +56,5 @@ def clean_id(name: str, value: str | None) -> str | None:
             422, "invalid_field", f"{name} is {len(value)} characters; at most {limit} are accepted"
         )
     if not value.isprintable():
-        raise ApiError(
-            422, "invalid_field", f"{name} contains control characters; send printable text"
-        )
+        raise ApiError(422, "invalid_field", f"{name} contains control characters; send printable text")
     return value

@@ -31,8 +31,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 
 def make_line(root: Path, n: int, seed: int, image_size: int, settings: Settings) -> Path:
-    from models.data import ingest_dataset
-    from models.synthetic import LineConditions, generate_dataset
+    from kensa.models.data.ingest import ingest_dataset
+    from kensa.models.line.synthetic import LineConditions, generate_dataset
 
     generate_dataset(root, n=n, seed=seed, image_size=image_size, conditions=LineConditions())
     ingest_dataset(root, settings)
@@ -48,8 +48,8 @@ def tiny_line(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> P
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_line: Path) -> Path:
     """A small model trained and evaluated (band calibrated) on the tiny line."""
-    from models.evaluate import evaluate_run
-    from models.train import TrainConfig, train
+    from kensa.models.evaluation.evaluate_run import evaluate_run
+    from kensa.models.train.trainer import TrainConfig, train
 
     run = tmp_path_factory.mktemp("run") / "small"
     train(

@@ -81,7 +81,7 @@ def check_kensa_args(args: list[str], where: str) -> list[str]:
 
 
 def serving_routes() -> set[tuple[str, str]]:
-    from serving.routes import admin, inspect, metrics, v2
+    from kensa.serving.routes import admin, inspect, metrics, v2
 
     return {
         (method, route.path)
@@ -93,7 +93,7 @@ def serving_routes() -> set[tuple[str, str]]:
 
 def check_probe_path(path: str, where: str) -> list[str]:
     """A probe must hit a GET route that exists and needs no key (probes carry none)."""
-    from serving.auth import PUBLIC
+    from kensa.serving.security.auth import PUBLIC
 
     if ("GET", path) not in serving_routes():
         return [f"{where}: probe path {path} is not a serving route"]
@@ -103,8 +103,15 @@ def check_probe_path(path: str, where: str) -> list[str]:
 
 
 def project_packages() -> list[str]:
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    return [p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]]
+    """What a kensa image must copy to build the wheel: setup.py and every folder it maps."""
+    tree = ast.parse((REPO / "setup.py").read_text())
+    parts = next(
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "PARTS" for t in n.targets)
+    )
+    assert isinstance(parts, ast.Dict)
+    return ["setup.py", "kensa", *(ast.literal_eval(v) for v in parts.values)]
 
 
 def check_settings_names(names: list[str], where: str) -> list[str]:
@@ -196,8 +203,10 @@ def check_compose_rules(doc: dict[str, Any], *, gpu_services: tuple[str, ...]) -
             var, op, arg = match.group(1), match.group(2), match.group(3) or ""
             if SECRET_NAME.search(var):
                 if op != ":?":
-                    problems.append(f"{where}: secret ${{{var}}} must be required as ${{{var}:?message}}, "
-                                    f"never defaulted or optional")
+                    problems.append(
+                        f"{where}: secret ${{{var}}} must be required as ${{{var}:?message}}, "
+                        f"never defaulted or optional"
+                    )
                 elif not arg.strip():
                     problems.append(f"{where}: ${{{var}:?}} needs a message saying how to set it")
                 required_vars[var] = where
@@ -209,8 +218,9 @@ def check_compose_rules(doc: dict[str, Any], *, gpu_services: tuple[str, ...]) -
         env = _env(service)
         for key, value in env.items():
             if SECRET_NAME.search(key) and "${" not in value:
-                problems.append(f"{where}.environment.{key}: a secret written in clear; "
-                                "use ${VAR:?message}")
+                problems.append(
+                    f"{where}.environment.{key}: a secret written in clear; use ${{VAR:?message}}"
+                )
         problems += check_settings_names(list(env), f"{where}.environment")
         if "image" not in service and "build" not in service:
             problems.append(f"{where}: neither image nor build")
@@ -220,8 +230,10 @@ def check_compose_rules(doc: dict[str, Any], *, gpu_services: tuple[str, ...]) -
             problems.append(f"{where}: a long-running service needs a healthcheck")
         depends = service.get("depends_on") or {}
         if isinstance(depends, list):
-            problems.append(f"{where}.depends_on: use the long form with a condition, so start order "
-                            "waits for health, not just for the container to exist")
+            problems.append(
+                f"{where}.depends_on: use the long form with a condition, so start order "
+                "waits for health, not just for the container to exist"
+            )
             depends = {}
         for dep, spec in depends.items():
             if dep not in services:
@@ -232,8 +244,10 @@ def check_compose_rules(doc: dict[str, Any], *, gpu_services: tuple[str, ...]) -
             if condition != wanted:
                 problems.append(f"{where}.depends_on.{dep}: condition {condition!r}; use {wanted!r}")
         if name in gpu_services and not _has_gpu(service):
-            problems.append(f"{where}: needs a GPU reservation (deploy.resources.reservations.devices "
-                            "with capabilities [gpu])")
+            problems.append(
+                f"{where}: needs a GPU reservation (deploy.resources.reservations.devices "
+                "with capabilities [gpu])"
+            )
         image = str(service.get("image", ""))
         build = service.get("build") or {}
         dockerfile = build.get("dockerfile", "") if isinstance(build, dict) else ""
@@ -298,8 +312,9 @@ def _env_problems(container: dict[str, Any], where: str) -> list[str]:
     for e in container.get("env") or []:
         value = str(e.get("value", ""))
         if (SECRET_NAME.search(e.get("name", "")) or URL_PASSWORD.search(value)) and "value" in e:
-            problems.append(f"{where}.{e.get('name')}: a secret written in the manifest; use "
-                            "valueFrom.secretKeyRef")
+            problems.append(
+                f"{where}.{e.get('name')}: a secret written in the manifest; use valueFrom.secretKeyRef"
+            )
     return problems
 
 
@@ -342,22 +357,33 @@ def check_k8s_rules(
             problems += check_probe_path(path, f"{cw}.{probe}")
             if path != expected:
                 problems.append(f"{cw}.{probe}: path {path}; the {probe[:-5]} route is {expected}")
-    hpas = [h for h in index.by_kind.get("HorizontalPodAutoscaler", [])
-            if (h["spec"].get("scaleTargetRef") or {}).get("name") == serving]
+    hpas = [
+        h
+        for h in index.by_kind.get("HorizontalPodAutoscaler", [])
+        if (h["spec"].get("scaleTargetRef") or {}).get("name") == serving
+    ]
     if not hpas:
         problems.append(f"no HorizontalPodAutoscaler scales Deployment/{serving}")
     for h in index.by_kind.get("HorizontalPodAutoscaler", []):
         target = h["spec"].get("scaleTargetRef") or {}
         if index.named(target.get("kind", ""), target.get("name", "")) is None:
-            problems.append(f"HorizontalPodAutoscaler/{h['metadata']['name']}: scaleTargetRef "
-                            f"{target.get('kind')}/{target.get('name')} does not exist")
-    pdbs = [p for p in index.by_kind.get("PodDisruptionBudget", [])
-            if _labels_match(p["spec"].get("selector") or {}, pod_labels)]
+            problems.append(
+                f"HorizontalPodAutoscaler/{h['metadata']['name']}: scaleTargetRef "
+                f"{target.get('kind')}/{target.get('name')} does not exist"
+            )
+    pdbs = [
+        p
+        for p in index.by_kind.get("PodDisruptionBudget", [])
+        if _labels_match(p["spec"].get("selector") or {}, pod_labels)
+    ]
     if not pdbs:
         problems.append(f"no PodDisruptionBudget selects the pods of Deployment/{serving}")
-    services = [s for s in index.by_kind.get("Service", [])
-                if (s["spec"].get("selector") or {}) and all(
-                    pod_labels.get(k) == v for k, v in s["spec"]["selector"].items())]
+    services = [
+        s
+        for s in index.by_kind.get("Service", [])
+        if (s["spec"].get("selector") or {})
+        and all(pod_labels.get(k) == v for k, v in s["spec"]["selector"].items())
+    ]
     if not services:
         problems.append(f"no Service selects the pods of Deployment/{serving}")
     problems += _check_worker(index, worker, worker_pools)
@@ -391,7 +417,7 @@ def _check_worker(index: K8sIndex, worker: str, pools: dict[str, str]) -> list[s
         return [*problems, f"{where}: no --base-job-template (the GPU request lives there)"]
     template = None
     for cm in index.by_kind.get("ConfigMap", []):
-        for vol in ((deployment["spec"]["template"]["spec"]).get("volumes") or []):
+        for vol in (deployment["spec"]["template"]["spec"]).get("volumes") or []:
             if (vol.get("configMap") or {}).get("name") == cm["metadata"]["name"]:
                 for key, text in (cm.get("data") or {}).items():
                     if template_path.endswith("/" + key):
@@ -416,8 +442,11 @@ def check_job_template(template: dict[str, Any], where: str) -> list[str]:
     job = apply_values(template["job_configuration"]["job_manifest"], defaults, remove_notset=True)
     problems = check_k8s_schema([job], f"{where} (rendered with its defaults)")
     containers = _containers(job)
-    gpu = str(((containers[0].get("resources") or {}).get("limits") or {}).get(GPU_RESOURCE, "0")) \
-        if containers else "0"
+    gpu = (
+        str(((containers[0].get("resources") or {}).get("limits") or {}).get(GPU_RESOURCE, "0"))
+        if containers
+        else "0"
+    )
     if gpu in ("0", ""):
         problems.append(f"{where}: the flow-run Job requests no {GPU_RESOURCE}")
     return problems
@@ -447,7 +476,7 @@ def check_prefect_yaml(path: Path) -> tuple[list[str], dict[str, str]]:
 
     Returns the problems and the work pools (name -> type) the file declares.
     """
-    from flows.deploy import DeployConfigError, load_prefect_yaml
+    from kensa.flows.deploy import DeployConfigError, load_prefect_yaml
 
     try:
         plan = load_prefect_yaml(path)
@@ -460,8 +489,10 @@ def check_prefect_yaml(path: Path) -> tuple[list[str], dict[str, str]]:
         if not source.is_file():
             problems.append(f"deployment {d.name}: entrypoint file {file} does not exist")
         elif func not in flow_functions(source):
-            problems.append(f"deployment {d.name}: {file} has no @flow function {func!r} "
-                            f"(flows there: {sorted(flow_functions(source))})")
+            problems.append(
+                f"deployment {d.name}: {file} has no @flow function {func!r} "
+                f"(flows there: {sorted(flow_functions(source))})"
+            )
     pools = {p.name: p.type for p in plan.pools}
     for name, kind in pools.items():
         if kind not in ("process", "kubernetes", "docker"):
@@ -549,8 +580,10 @@ def check_dockerfile(
     base, final = stages[-1]
     if not base.startswith(base_prefix):
         problems.append(f"{where}: the final stage is based on {base!r}; expected {base_prefix}…")
-    python = re.search(r"python:?(3\.\d+)|(?:^|\s)python\s+install\s+(3\.\d+)", " ".join(
-        [base] + [i.value for _, stage in stages for i in stage if i.keyword == "RUN"]))
+    python = re.search(
+        r"python:?(3\.\d+)|(?:^|\s)python\s+install\s+(3\.\d+)",
+        " ".join([base] + [i.value for _, stage in stages for i in stage if i.keyword == "RUN"]),
+    )
     requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
     if python:
         version = python.group(1) or python.group(2)
@@ -581,7 +614,7 @@ def check_dockerfile(
     entry = next((_exec_form(i.value) for i in reversed(final) if i.keyword == "ENTRYPOINT"), None)
     cmd = next((_exec_form(i.value) for i in reversed(final) if i.keyword == "CMD"), None)
     if entry != ["kensa"]:
-        problems.append(f"{where}: ENTRYPOINT should be [\"kensa\"] (exec form); got {entry}")
+        problems.append(f'{where}: ENTRYPOINT should be ["kensa"] (exec form); got {entry}')
     problems += check_kensa_args(cmd or [], f"{where} CMD")
     envs = [i.value for i in final if i.keyword == "ENV"]
     names = re.findall(r"(KENSA_[A-Z_]+)=", " ".join(envs))

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from kensa.monitoring.features import FeatureTable, build_table
+from kensa.monitoring.reference import ReferenceProfile
 from sqlalchemy.orm import Session, sessionmaker
 
 from kensa.store.models import Prediction, utcnow
-from monitoring.features import FeatureTable, build_table
-from monitoring.reference import ReferenceProfile
 
 CLASSES = ("ok", "defect_a", "defect_b")
 THRESHOLDS = {"t_ok": 0.2, "t_defect": 0.8}

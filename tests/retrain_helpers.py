@@ -15,31 +15,46 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from kensa.models.line.stream import StreamPart
 
 from kensa.settings import Settings
 from kensa.store.connect import open_store
 from kensa.store.models import Prediction, ReviewItem, utcnow
-from models.line.stream import StreamPart
 
 
 def register_champion(settings: Settings, onnx_path: Path, data_root: Path, name: str) -> str:
     """Register ``onnx_path`` (trained on ``data_root``) and approve it; its version."""
-    from flows.registry import approve, register_candidate
-    from flows.tracking import configure_mlflow, ensure_experiment, log_dataset_input
-    from kensa.approvals import Approval
-    from models.data import load_dataset
+    from kensa.flows.register import approve, register_candidate
+    from kensa.flows.tracking import configure_mlflow, ensure_experiment, log_dataset_input
+    from kensa.governance.approvals import Approval
+    from kensa.models.data.ingest import load_dataset
 
     configure_mlflow(settings)
     ds = load_dataset(data_root)
     experiment = ensure_experiment(settings, "kensa")
-    with mlflow.start_run(experiment_id=experiment, run_name="sweep",
-                          tags={"kensa.dataset_version": ds.version}):
+    with mlflow.start_run(
+        experiment_id=experiment, run_name="sweep", tags={"kensa.dataset_version": ds.version}
+    ):
         log_dataset_input(data_root, ds.version, name=f"line-{ds.short_version}")
-        registered = register_candidate(onnx_path, name, registered_by="dana", source="sweep",
-                                        kpi={"passed": True}, cost={}, parity={},
-                                        settings=settings)
-    approve(name, registered.version, by="erin", role="operator", reason="pilot met the KPI",
-            policy=Approval(), settings=settings)
+        registered = register_candidate(
+            onnx_path,
+            name,
+            registered_by="dana",
+            source="sweep",
+            kpi={"passed": True},
+            cost={},
+            parity={},
+            settings=settings,
+        )
+    approve(
+        name,
+        registered.version,
+        by="erin",
+        role="operator",
+        reason="pilot met the KPI",
+        policy=Approval(),
+        settings=settings,
+    )
     return registered.version
 
 
@@ -71,18 +86,37 @@ def queue_reviews(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(part.png)
             probs = {"ok": 0.5, "defect_scratch": 0.5}
-            pred = Prediction(request_id=uuid.uuid4().hex, image_sha256=sha, model_name=model[0],
-                              model_version=model[1], verdict="review", probs=probs,
-                              latency_ms=5.0, part_id=part.part_id, line_id=line,
-                              camera_id=part.camera, image_path=str(path), created_at=utcnow())
+            pred = Prediction(
+                request_id=uuid.uuid4().hex,
+                image_sha256=sha,
+                model_name=model[0],
+                model_version=model[1],
+                verdict="review",
+                probs=probs,
+                latency_ms=5.0,
+                part_id=part.part_id,
+                line_id=line,
+                camera_id=part.camera,
+                image_path=str(path),
+                created_at=utcnow(),
+            )
             session.add(pred)
             session.flush()
-            item = ReviewItem(prediction_id=pred.id, image_path=str(path), reason="review_band",
-                              status=status if label is not None else "open", label=label,
-                              labelled_by="omar" if label is not None else None,
-                              labelled_at=utcnow() if label is not None else None,
-                              model_name=model[0], model_version=model[1], probs=probs,
-                              line_id=line, camera_id=part.camera, created_at=utcnow())
+            item = ReviewItem(
+                prediction_id=pred.id,
+                image_path=str(path),
+                reason="review_band",
+                status=status if label is not None else "open",
+                label=label,
+                labelled_by="omar" if label is not None else None,
+                labelled_at=utcnow() if label is not None else None,
+                model_name=model[0],
+                model_version=model[1],
+                probs=probs,
+                line_id=line,
+                camera_id=part.camera,
+                created_at=utcnow(),
+            )
             session.add(item)
             session.flush()
             out.append(Queued(item.id, sha, label))

@@ -71,25 +71,17 @@ def build_contract_model(
     graph = helper.make_graph(
         nodes,
         "kensa_contract",
-        [
-            helper.make_tensor_value_info(
-                "images", TensorProto.UINT8, ["batch", input_size, input_size, 3]
-            )
-        ],
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", input_size, input_size, 3])],
         [
             helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", c]),
             helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 3]),
         ],
         inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="kensa"
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="kensa")
     model.ir_version = 8
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    sample = np.random.default_rng(1234).integers(
-        0, 256, (4, input_size, input_size, 3), dtype=np.uint8
-    )
+    sample = np.random.default_rng(1234).integers(0, 256, (4, input_size, input_size, 3), dtype=np.uint8)
     probs = sess.run(["probs"], {"images": sample})[0].astype(np.float64)
     if lie_about_parity:
         probs = probs[:, ::-1].copy()
@@ -154,10 +146,10 @@ def make_keys(store_url: str, roles: Iterable[str] = ROLES) -> dict[str, str]:
 def register(tracking_uri: str, name: str, onnx_path: Path, *, sha256: str | None = None) -> str:
     """Register ``onnx_path`` as flows do (log_model, sha256 tag of the file); its version."""
     import mlflow
+    from kensa.serving.inference.artifact import file_sha256
     from mlflow import MlflowClient
 
     from kensa.registry import MODEL_ARTIFACT, TAG_SHA256
-    from serving.artifact import file_sha256
 
     # log_model works on MLflow's process-global URIs; restore them for the tests that follow.
     previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
@@ -227,22 +219,16 @@ class Server:
             **({"KENSA_MLFLOW_TRACKING_URI": mlflow_uri} if mlflow_uri else {}),
             **(env or {}),
         }
-        self.args = [sys.executable, "-m", "kensa.cli.serve"] + (
-            ["--model", str(model)] if model else []
-        )
+        self.args = [sys.executable, "-m", "kensa.cli.serve"] + (["--model", str(model)] if model else [])
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> Server:
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            self.args, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
-        )
+        self.proc = subprocess.Popen(self.args, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
-                )
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             try:
                 if httpx.get(f"{self.base}/v2/health/ready", timeout=1).status_code == 200:
                     return self
@@ -289,9 +275,7 @@ class Api:
 
     def post_image(self, data: bytes, media: str = "image/png", **kw: Any) -> httpx.Response:
         headers = self.headers(**{"content-type": media}, **kw.pop("headers", {}))
-        return httpx.post(
-            f"{self.server.base}/v1/inspect", content=data, headers=headers, timeout=30, **kw
-        )
+        return httpx.post(f"{self.server.base}/v1/inspect", content=data, headers=headers, timeout=30, **kw)
 
     def count(self, model: type | None = None) -> int:
         from kensa.store.models import Prediction

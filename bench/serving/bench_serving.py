@@ -149,9 +149,7 @@ def stop_group(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
-def bench_kensa(
-    model: Path, parts: list[bytes], clients: int, seconds: float, tmp: Path
-) -> dict[str, float]:
+def bench_kensa(model: Path, parts: list[bytes], clients: int, seconds: float, tmp: Path) -> dict[str, float]:
     from serving_helpers import free_port, make_keys
 
     store = f"sqlite:///{tmp / 'kensa.db'}"

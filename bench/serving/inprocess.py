@@ -22,9 +22,8 @@ def build_model(arch: str, out: Path) -> Path:
     import onnx
     import onnxruntime as ort
     import torch
-
-    from models.export import export_onnx_file, parity_sample_images
-    from models.zoo import build_model as zoo_model
+    from kensa.models.nets.zoo import build_model as zoo_model
+    from kensa.models.onnx.export import export_onnx_file, parity_sample_images
 
     classes = ["ok", "defect_scratch", "defect_dent"]
     if arch == NULL_MODEL:
@@ -53,9 +52,7 @@ def build_model(arch: str, out: Path) -> Path:
     proto = onnx.load(str(out))
     entry = proto.metadata_props.add()
     entry.key = "parity_sample"
-    entry.value = json.dumps(
-        {"seed": 1234, "n": 4, "probs": np.round(probs, 6).tolist(), "atol": 1e-3}
-    )
+    entry.value = json.dumps({"seed": 1234, "n": 4, "probs": np.round(probs, 6).tolist(), "atol": 1e-3})
     onnx.save(proto, str(out))
     return out
 
@@ -83,8 +80,7 @@ def in_process_limit(model: Path, parts: list[bytes], seconds: float) -> dict[st
     * ``serving x2``: serving's options, two runs at once (what serving does for a heavy model).
     """
     import onnxruntime as ort
-
-    from serving.engine import cpu_threads
+    from kensa.serving.inference.engine import cpu_threads
 
     pool = ThreadPoolExecutor(2)
     best: dict[str, Any] = {"images_per_s": 0.0}
@@ -112,7 +108,7 @@ def _rate(
     import itertools
     import threading
 
-    from serving.decode import decode_image
+    from kensa.serving.inference.decode import decode_image
 
     def decode(i: int) -> np.ndarray:
         return decode_image(parts[i % len(parts)], INPUT_SIZE, 10**9).pixels

@@ -87,7 +87,7 @@ def multipart(parts: list[bytes], field: str = "image") -> tuple[list[bytes], st
     boundary = "kensa-bench-boundary"
     bodies = [
         (
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"part.jpg\"\r\n"
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="part.jpg"\r\n'
             "Content-Type: image/jpeg\r\n\r\n"
         ).encode()
         + part

@@ -11,8 +11,9 @@ from rich.table import Table
 
 from kensa.cli.common import EXIT_INVALID, console, err_console, get_settings
 
-app = typer.Typer(help="Audit bundles: export a model version's evidence, verify a bundle.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Audit bundles: export a model version's evidence, verify a bundle.", no_args_is_help=True
+)
 
 
 _RESULT = {True: "[green]pass[/green]", False: "[red]FAIL[/red]", None: "[dim]skip[/dim]"}
@@ -36,14 +37,15 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", help="Archive to write (.tar.gz)."),
     name: str | None = typer.Option(None, "--name", help="Registered model name (default: the project's)."),
     data: Path | None = typer.Option(
-        None, "--data", help="Ingested dataset folder (default: the one the training run recorded)."),
+        None, "--data", help="Ingested dataset folder (default: the one the training run recorded)."
+    ),
     config: Path | None = typer.Option(None, "--config", help="kensa.toml to include and name the model."),
     by: str | None = typer.Option(None, "--by", help="Who exports (recorded in the audit log)."),
 ) -> None:
     """Write one archive: model card, data manifest, configs, parity, ONNX, approvals, audit events."""
     settings = get_settings()
-    from flows.audit import AuditExportError, export_bundle
-    from flows.config import ConfigError, load_project_config
+    from kensa.flows.config import ConfigError, load_project_config
+    from kensa.governance.audit_export import AuditExportError, export_bundle
 
     try:
         project = load_project_config(config or settings.project_config)
@@ -54,7 +56,12 @@ def export_cmd(
     model = name or project.name
     try:
         report = export_bundle(
-            settings, model, version, out, exported_by=by or _default_actor(), data=data,
+            settings,
+            model,
+            version,
+            out,
+            exported_by=by or _default_actor(),
+            data=data,
             project_config=project.model_dump(mode="json") if (config or settings.project_config) else None,
         )
     except AuditExportError as exc:
@@ -74,20 +81,24 @@ def export_cmd(
 def verify_cmd(
     file: Path = typer.Argument(..., help="An audit bundle (.tar.gz) made by `kensa audit export`."),
     live: bool = typer.Option(
-        False, "--live",
-        help="Also compare with the store's audit trail and the registry (KENSA_* settings), read only."),
+        False,
+        "--live",
+        help="Also compare with the store's audit trail and the registry (KENSA_* settings), read only.",
+    ),
 ) -> None:
     """Recompute every hash, the audit chain and the ONNX parity; exit 0 pass, 1 fail, 2 unreadable."""
-    from flows.audit_verify import verify_bundle
-    from flows.bundle import BundleError
+    from kensa.governance.bundle import BundleError
+    from kensa.governance.verify import verify_bundle
 
     try:
         info, checks = verify_bundle(file, get_settings() if live else None)
     except BundleError as exc:
         raise _fail(str(exc)) from None
     model = info.get("model") or {}
-    table = Table(title=f"audit bundle {escape(file.name)}: {escape(str(model.get('name')))} "
-                        f"version {escape(str(model.get('version')))}")
+    table = Table(
+        title=f"audit bundle {escape(file.name)}: {escape(str(model.get('name')))} "
+        f"version {escape(str(model.get('version')))}"
+    )
     table.add_column("check")
     table.add_column("result")
     table.add_column("detail", overflow="fold")
@@ -98,5 +109,7 @@ def verify_cmd(
     if failed:
         console.print(f"[red]verification failed[/red]: {', '.join(failed)}")
         raise typer.Exit(1)
-    console.print(f"[green]verified[/green]: exported {info.get('exported_at')} "
-                  f"by {escape(str(info.get('exported_by')))}")
+    console.print(
+        f"[green]verified[/green]: exported {info.get('exported_at')} "
+        f"by {escape(str(info.get('exported_by')))}"
+    )

@@ -14,7 +14,7 @@ from kensa.cli.common import EXIT_INVALID, console, err_console, get_settings
 from kensa.settings import Settings
 
 if TYPE_CHECKING:
-    from models.data import DatasetCard
+    from kensa.models.data.ingest import DatasetCard
 
 app = typer.Typer(help="Datasets: ingest and validate a user's own images.", no_args_is_help=True)
 
@@ -41,14 +41,12 @@ def _count_table(title: str, rows: dict[str, dict[str, int]], columns: list[str]
         for column in columns:
             totals[column] += counts.get(column, 0)
         table.add_row(name, *(str(counts.get(c, 0)) for c in columns), str(sum(counts.values())))
-    table.add_row(
-        "total", *(str(totals[c]) for c in columns), str(sum(totals.values())), style="dim"
-    )
+    table.add_row("total", *(str(totals[c]) for c in columns), str(sum(totals.values())), style="dim")
     return table
 
 
 def _print_card(card: DatasetCard) -> None:
-    from models.data import SPLITS
+    from kensa.models.data.ingest import SPLITS
 
     console.print(_count_table("images per class and split", card.by_class_split, list(SPLITS)))
     labels = list(card.by_class_split)
@@ -85,7 +83,7 @@ def ingest(
     """Validate, split and version a dataset; write DIR/.kensa-dataset.json."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from models.data import DATASET_FILE, DatasetError, ingest_dataset
+    from kensa.models.data.ingest import DATASET_FILE, DatasetError, ingest_dataset
 
     settings = _with_classes(get_settings(), classes)
     with Progress(

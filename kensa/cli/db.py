@@ -16,9 +16,7 @@ app = typer.Typer(help="The SQL store: schema migrations.", no_args_is_help=True
 
 
 def _print_unreachable(shown_url: str, exc: OperationalError) -> None:
-    err_console.print(
-        f"[red]cannot reach the store at {escape(shown_url)}:[/red] {escape(str(exc.orig))}"
-    )
+    err_console.print(f"[red]cannot reach the store at {escape(shown_url)}:[/red] {escape(str(exc.orig))}")
 
 
 def _revision_label(revision: str | None) -> str:

@@ -119,8 +119,9 @@ def _store_figures(since: Any) -> dict[str, Any]:
         return {
             "verdicts": verdicts,
             "alerts": [(a.id, a.level, a.kind, a.status, a.cause) for a in alerts],
-            "retrain_runs": sorted({str(a.details["retrain_run"]) for a in alerts
-                                    if (a.details or {}).get("retrain_run")}),  # fmt: skip
+            "retrain_runs": sorted(
+                {str(a.details["retrain_run"]) for a in alerts if (a.details or {}).get("retrain_run")}
+            ),  # fmt: skip
             "reviews": reviews,
         }
 
@@ -146,7 +147,7 @@ def demo(
     _configure(config, receiver.url, receiver.secret)
     settings = get_settings()
     settings.ensure_dirs()
-    from flows.config import load_project_config
+    from kensa.flows.config import load_project_config
 
     name = load_project_config(config).name
 

@@ -74,7 +74,7 @@ class WebhookReceiver:
         return self
 
     def _valid(self, headers: Any, body: bytes) -> bool:
-        from monitoring.escalation import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+        from kensa.monitoring.escalation import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 
         return verify_signature(
             self.secret,

@@ -17,30 +17,35 @@ def _api_url(url: str) -> str:
     """Prefect's API lives under ``/api``; accept the server's bare address as well."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"--api-url must be an http(s) URL such as http://127.0.0.1:4200/api; "
-                         f"got {url!r}")
+        raise ValueError(f"--api-url must be an http(s) URL such as http://127.0.0.1:4200/api; got {url!r}")
     return url.rstrip("/") if parts.path.rstrip("/") else url.rstrip("/") + "/api"
 
 
 def deploy_cmd(
     api_url: str | None = typer.Option(
-        None, "--api-url",
-        help="Prefect server API, e.g. http://127.0.0.1:4200/api "
-             "(default: KENSA_PREFECT_API_URL)."),
+        None,
+        "--api-url",
+        help="Prefect server API, e.g. http://127.0.0.1:4200/api (default: KENSA_PREFECT_API_URL).",
+    ),
     prefect_yaml: Path = typer.Option(
-        Path("infra/prefect.yaml"), "--prefect-yaml", help="Deployments and work pools to create."),
+        Path("infra/prefect.yaml"), "--prefect-yaml", help="Deployments and work pools to create."
+    ),
     repo_dir: Path | None = typer.Option(
-        None, "--repo-dir",
+        None,
+        "--repo-dir",
         help="Checkout the on-prem process worker runs flows from (default: the folder holding "
-             "the prefect.yaml's infra/)."),
+        "the prefect.yaml's infra/).",
+    ),
 ) -> None:
     """Create the work pools and deployments of prefect.yaml on a Prefect server (idempotent)."""
     settings = get_settings()
     url = api_url or settings.prefect_api_url
     if not url:
-        err_console.print("[red]error:[/red] kensa deploy needs a Prefect server: pass --api-url "
-                          "http://HOST:4200/api or set KENSA_PREFECT_API_URL (the embedded "
-                          "ephemeral API forgets deployments when the command ends)")
+        err_console.print(
+            "[red]error:[/red] kensa deploy needs a Prefect server: pass --api-url "
+            "http://HOST:4200/api or set KENSA_PREFECT_API_URL (the embedded "
+            "ephemeral API forgets deployments when the command ends)"
+        )
         raise typer.Exit(EXIT_INVALID)
     try:
         url = _api_url(url)
@@ -50,7 +55,7 @@ def deploy_cmd(
     from kensa.cli.flows import prepare_prefect
 
     prepare_prefect(settings)
-    from flows.deploy import DeployConfigError, DeployError, deploy
+    from kensa.flows.deploy import DeployConfigError, DeployError, deploy
 
     try:
         applied = deploy(prefect_yaml, url, repo_dir)
@@ -63,8 +68,7 @@ def deploy_cmd(
 
     for item in applied:
         if item.action == "skipped":
-            err_console.print(f"[yellow]warning:[/yellow] {item.kind} {item.name} skipped: "
-                              f"{item.detail}")
+            err_console.print(f"[yellow]warning:[/yellow] {item.kind} {item.name} skipped: {item.detail}")
     table = Table(title=f"Prefect at {url}")
     for col in ("kind", "name", "action", "detail"):
         table.add_column(col)

@@ -66,10 +66,10 @@ def register_cmd(
     from kensa.cli.flows import prepare_prefect
 
     prepare_prefect(settings)  # flows import Prefect, which reads its home at import
-    from flows.config import ConfigError
-    from flows.experiments import IncompatibleModelError, register_model
-    from models.data import DatasetError
-    from models.zoo import IMAGENET_MEAN, IMAGENET_STD
+    from kensa.flows.config import ConfigError
+    from kensa.models.data.ingest import DatasetError
+    from kensa.models.nets.zoo import IMAGENET_MEAN, IMAGENET_STD
+    from kensa.notebook.experiments import IncompatibleModelError, register_model
 
     mean_v, std_v = _triple(mean, "mean") or IMAGENET_MEAN, _triple(std, "std") or IMAGENET_STD
     try:
@@ -135,9 +135,9 @@ def compare_cmd(
     from kensa.cli.flows import prepare_prefect
 
     prepare_prefect(settings)
-    from flows.comparison import CompareError, compare_versions
-    from flows.config import ConfigError
-    from models.data import DatasetError
+    from kensa.flows.config import ConfigError
+    from kensa.models.data.ingest import DatasetError
+    from kensa.notebook.compare import CompareError, compare_versions
 
     try:
         result = compare_versions(

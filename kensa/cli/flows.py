@@ -76,10 +76,10 @@ def pilot_cmd(
     """Pilot → KPI gate → scale sweep → candidate in the MLflow registry (a Prefect flow)."""
     settings = get_settings()
     prepare_prefect(settings)
-    from flows.compute import BudgetExceededError
-    from flows.config import ConfigError, load_project_config
-    from flows.gate import GateFailedError
-    from flows.pilot import pilot
+    from kensa.flows.compute import BudgetExceededError
+    from kensa.flows.config import ConfigError, load_project_config
+    from kensa.flows.gate import GateFailedError
+    from kensa.flows.pilot import pilot
 
     try:
         project = load_project_config(config or settings.project_config)
@@ -121,9 +121,9 @@ def _registry_call(action: str, name: str | None, config: Path | None, **kwargs:
     """Run one registry action under the project's approval policy; refusals exit with code 2."""
     import mlflow
 
-    from flows import registry
-    from flows.config import ConfigError, load_project_config
-    from flows.tracking import configure_mlflow
+    from kensa.flows import register as registry
+    from kensa.flows.config import ConfigError, load_project_config
+    from kensa.flows.tracking import configure_mlflow
 
     settings = get_settings()
     try:
@@ -194,7 +194,7 @@ def cost_cmd(
     version: str | None = typer.Option(None, "--version", help="Only this model version."),
 ) -> None:
     """Print the cost ledger: device-hours and cost per run, stage, target and model version."""
-    from flows.ledger import read_ledger
+    from kensa.flows.ledger import read_ledger
 
     lines = read_ledger(get_settings(), version)
     table = Table(title="cost ledger")

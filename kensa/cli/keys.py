@@ -32,9 +32,7 @@ def _session() -> Session:
 
 @app.command()
 def create(
-    role: str = typer.Option(
-        ..., "--role", help="line | operator | data-scientist | auditor | admin"
-    ),
+    role: str = typer.Option(..., "--role", help="line | operator | data-scientist | auditor | admin"),
     name: str = typer.Option(..., "--name", help="Who or what uses the key (e.g. 'line-3 PLC')."),
 ) -> None:
     """Make a key and print it once; only its hash is stored."""
@@ -56,8 +54,7 @@ def create(
         )
         session.commit()
         err_console.print(
-            f"key {row.id} ({escape(row.role)}, {escape(row.name)}) created; "
-            "it is shown once, store it now:"
+            f"key {row.id} ({escape(row.role)}, {escape(row.name)}) created; it is shown once, store it now:"
         )
         # The key alone on stdout, so `KEY=$(kensa keys create ...)` captures exactly it.
         print(plaintext)  # noqa: T201
@@ -83,9 +80,7 @@ def revoke(key_id: int = typer.Argument(..., help="The key's id (see `kensa keys
             details={"name": row.name, "role": row.role},
         )
         session.commit()
-        console.print(
-            f"key {row.id} ({escape(row.name)}) revoked at {row.revoked_at:%Y-%m-%d %H:%M:%S} UTC"
-        )
+        console.print(f"key {row.id} ({escape(row.name)}) revoked at {row.revoked_at:%Y-%m-%d %H:%M:%S} UTC")
 
 
 @app.command("list")

@@ -1,4 +1,4 @@
-"""``kensa line``: synthetic line datasets and sample sheets (thin over ``models.synthetic``)."""
+"""``kensa line``: synthetic line datasets and sample sheets (thin over ``kensa.models.line.synthetic``)."""
 
 from __future__ import annotations
 
@@ -27,9 +27,7 @@ def _invalid(message: str) -> NoReturn:
 
 @app.command()
 def generate(
-    out: Path = typer.Option(
-        ..., "--out", help="Dataset folder (new, empty, or a previous output)."
-    ),
+    out: Path = typer.Option(..., "--out", help="Dataset folder (new, empty, or a previous output)."),
     n: int = typer.Option(..., "--n", help="Number of parts (images)."),
     seed: int = typer.Option(..., "--seed", help="Seed; the same seed gives byte-identical files."),
     image_size: int = typer.Option(128, "--image-size", help="Image side in pixels (32..1024)."),
@@ -46,7 +44,7 @@ def generate(
     ),
 ) -> None:
     """Write an ImageFolder dataset (``<class>/<part>.png``) plus ``manifest.csv``."""
-    from models.synthetic import LineConditions, generate_dataset, read_manifest
+    from kensa.models.line.synthetic import LineConditions, generate_dataset, read_manifest
 
     try:
         conditions = LineConditions().with_overrides(condition)
@@ -90,7 +88,7 @@ def samples(
     image_size: int = typer.Option(128, "--image-size", help="Image side in pixels (32..1024)."),
 ) -> None:
     """Save ``samples_by_class.png`` and ``samples_by_condition.png`` sheets."""
-    from models.synthetic import save_sample_sheets
+    from kensa.models.line.synthetic import save_sample_sheets
 
     if seed < 0:
         _invalid(f"seed={seed}; need a seed >= 0")
@@ -120,8 +118,10 @@ def stream(
     shift_at: int = typer.Option(0, "--shift-at", help="First shifted part (0 = all of them)."),
     line_id: str = typer.Option("L1", "--line-id", help="Line id sent with every part."),
     camera_id: str | None = typer.Option(
-        None, "--camera-id", help="Camera id sent with every part (C1/C2 also render that "
-        "camera); default: each part's own camera."
+        None,
+        "--camera-id",
+        help="Camera id sent with every part (C1/C2 also render that "
+        "camera); default: each part's own camera.",
     ),
     seed: int = typer.Option(0, "--seed", help="Stream seed; the same seed sends the same parts."),
     image_size: int = typer.Option(64, "--image-size", help="Image side in pixels (32..1024)."),
@@ -133,7 +133,7 @@ def stream(
 ) -> None:
     """Send a simulated line's parts to a running service, optionally shifting a condition."""
     from kensa.cli.stream import StreamError, run_stream
-    from models.line.stream import StreamPlan, parse_shifts
+    from kensa.models.line.stream import StreamPlan, parse_shifts
 
     if n < 1:
         _invalid(f"--n {n}; send at least 1 part")
@@ -172,8 +172,16 @@ def stream(
 
         try:
             summary = run_stream(
-                plan, url, key, rate=rate, concurrency=concurrency, batch=batch, retries=retries,
-                line_id=line_id, camera_id=camera_id, progress=tick,
+                plan,
+                url,
+                key,
+                rate=rate,
+                concurrency=concurrency,
+                batch=batch,
+                retries=retries,
+                line_id=line_id,
+                camera_id=camera_id,
+                progress=tick,
             )
         except StreamError as exc:
             err_console.print(f"[red]error:[/red] {escape(str(exc))}")
@@ -190,13 +198,17 @@ def _print_summary(summary: Any) -> None:
         f"; {shifted} from part {plan.shift_at}" if shifted else ""
     )
     table = Table(title=title)
-    for col in ("model version", "phase", "parts", "ok", "defect", "review", "escapes",
-                "false rejects"):
+    for col in ("model version", "phase", "parts", "ok", "defect", "review", "escapes", "false rejects"):
         table.add_column(col, justify="left" if col in ("model version", "phase") else "right")
     for row in summary.by_model():
         table.add_row(
-            escape(row["model"]), row["phase"], str(row["parts"]), str(row["ok"]),
-            str(row["defect"]), str(row["review"]), f"{row['escapes']}/{row['defective']}",
+            escape(row["model"]),
+            row["phase"],
+            str(row["parts"]),
+            str(row["ok"]),
+            str(row["defect"]),
+            str(row["review"]),
+            f"{row['escapes']}/{row['defective']}",
             f"{row['false_rejects']}/{row['good']}",
         )
     console.print(table)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 
 from kensa.cli import audit, data, db, demo, deploy, flows, keys, line, modeling, serve
+from kensa.cli import drift_alerts as monitor_cmds
 from kensa.cli import experiments as experiment_cmds
-from kensa.cli import monitor as monitor_cmds
 from kensa.cli import retrain as retrain_cmds
 
 app = typer.Typer(

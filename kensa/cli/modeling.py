@@ -31,9 +31,9 @@ def train_cmd(
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Wall-clock budget."),
 ) -> None:
     """Train a zoo model on an ingested dataset; writes RUN_DIR/checkpoint.pt."""
-    from models.data import DatasetError
-    from models.train import TrainConfig, train
-    from models.zoo import UnknownModelError
+    from kensa.models.data.ingest import DatasetError
+    from kensa.models.nets.zoo import UnknownModelError
+    from kensa.models.train.trainer import TrainConfig, train
 
     config = TrainConfig(
         model=model,
@@ -86,9 +86,7 @@ def print_qc_table(metrics: dict[str, Any], title: str = "QC on the test split")
     recall.add_column("caught", justify="right")
     for c, r in metrics["per_class_recall"].items():
         caught = metrics["defect_catch_rate"].get(c)
-        recall.add_row(
-            c, "-" if r is None else f"{r:.3f}", "-" if caught is None else f"{caught:.3f}"
-        )
+        recall.add_row(c, "-" if r is None else f"{r:.3f}", "-" if caught is None else f"{caught:.3f}")
     console.print(recall)
 
 
@@ -139,8 +137,8 @@ def evaluate_cmd(
     max_false_reject: float = typer.Option(0.05, "--max-false-reject"),
 ) -> None:
     """Evaluate a run like a QC lead: band, escapes, false rejects, slices, robustness, plots."""
-    from models.data import DatasetError
-    from models.evaluate import BandPolicy, evaluate_run
+    from kensa.models.data.ingest import DatasetError
+    from kensa.models.evaluation.evaluate_run import BandPolicy, evaluate_run
 
     try:
         metrics = evaluate_run(
@@ -162,7 +160,7 @@ def export_cmd(
     int8: bool = typer.Option(False, "--int8", help="Also write a gated INT8 variant."),
 ) -> None:
     """Export to ONNX with metadata and a parity check against PyTorch."""
-    from models.export import ParityError, export_run
+    from kensa.models.onnx.export import ParityError, export_run
 
     try:
         result = export_run(run_dir, out, fp16=fp16, int8=int8)

@@ -26,7 +26,7 @@ def retrain_cmd(
     from kensa.cli.flows import prepare_prefect
 
     prepare_prefect(settings)
-    from flows.retrain import start_retraining
+    from kensa.flows.retrain import start_retraining
 
     flow_run_id = start_retraining(settings, alert_id=alert, reason=reason)
     from prefect.client.orchestration import get_client
@@ -35,21 +35,22 @@ def retrain_cmd(
         run = client.read_flow_run(UUID(flow_run_id))
     state = run.state
     if state is not None and not state.is_final():
-        console.print(f"retraining scheduled on the Prefect server: flow run {flow_run_id} "
-                      f"({state.type.value.lower()}); a worker on pool {run.work_pool_name} runs it")
+        console.print(
+            f"retraining scheduled on the Prefect server: flow run {flow_run_id} "
+            f"({state.type.value.lower()}); a worker on pool {run.work_pool_name} runs it"
+        )
         return
     if state is None or not state.is_completed():
         message = state.message if state is not None else "no state"
-        err_console.print(f"[red]retraining failed[/red] (flow run {flow_run_id}): "
-                          f"{escape(message or '')}")
+        err_console.print(f"[red]retraining failed[/red] (flow run {flow_run_id}): {escape(message or '')}")
         raise typer.Exit(1)
     _print_candidate(settings, flow_run_id)
 
 
 def _print_candidate(settings: Settings, flow_run_id: str) -> None:
-    from flows.config import load_project_config
-    from flows.retrain import TAG_COMPARISON, TAG_PREFIX
-    from flows.tracking import configure_mlflow
+    from kensa.flows.config import load_project_config
+    from kensa.flows.retrain import TAG_COMPARISON, TAG_PREFIX
+    from kensa.flows.tracking import configure_mlflow
 
     client = configure_mlflow(settings)
     name = load_project_config(settings.project_config).name
@@ -61,16 +62,25 @@ def _print_candidate(settings: Settings, flow_run_id: str) -> None:
         return
     mv = found[0]
     comparison = json.loads(mv.tags.get(TAG_COMPARISON, "{}"))
-    table = Table(title=f"candidate {name} version {mv.version} vs champion "
-                        f"{mv.tags.get(TAG_PREFIX + 'champion_version')}")
+    table = Table(
+        title=f"candidate {name} version {mv.version} vs champion "
+        f"{mv.tags.get(TAG_PREFIX + 'champion_version')}"
+    )
     for col in ("parts", "model", "escape", "false reject", "automation", "accuracy"):
         table.add_column(col, justify="right" if col != "parts" else "left")
     for set_name, entry in comparison.items():
         for model in ("champion", "candidate"):
             m = entry.get(model, {})
-            table.add_row(f"{set_name} ({entry.get('n', 0)})", model,
-                          *(f"{m.get(k, 0):.1%}" for k in ("escape_rate", "false_reject_rate",
-                                                            "automation_rate", "accuracy")))
+            table.add_row(
+                f"{set_name} ({entry.get('n', 0)})",
+                model,
+                *(
+                    f"{m.get(k, 0):.1%}"
+                    for k in ("escape_rate", "false_reject_rate", "automation_rate", "accuracy")
+                ),
+            )
     console.print(table)
-    console.print(f"{mv.tags.get(TAG_PREFIX + 'new_labels', '0')} new review labels; approve with: "
-                  f"kensa approve {mv.version} --by NAME --reason TEXT")
+    console.print(
+        f"{mv.tags.get(TAG_PREFIX + 'new_labels', '0')} new review labels; approve with: "
+        f"kensa approve {mv.version} --by NAME --reason TEXT"
+    )

@@ -44,7 +44,7 @@ def serve(
         updates["port"] = port
     if updates:
         settings = settings.model_copy(update=updates)
-    from serving.server import serve as run_server  # imported here: keeps `kensa --help` fast
+    from kensa.serving.server import serve as run_server  # imported here: keeps `kensa --help` fast
 
     run_server(settings, model_file=model, registry_name=registry_name)
 

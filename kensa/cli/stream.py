@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from models.line.conditions import LineConditions
-from models.line.stream import StreamPart, StreamPlan, render_part
+from kensa.models.line.conditions import LineConditions
+from kensa.models.line.stream import StreamPart, StreamPlan, render_part
 
 # Most seconds one Retry-After may make a part wait: a stream should not stall for a minute.
 _MAX_RETRY_AFTER_S = 5.0
@@ -88,8 +88,7 @@ class StreamSummary:
             c["false_rejects"] += int(r.label == "ok" and r.verdict == "defect")
             c["good"] += int(r.label == "ok")
         return [
-            {"model": m, "phase": p, **{k: c[k] for k in _COUNT_KEYS}}
-            for (m, p), c in sorted(rows.items())
+            {"model": m, "phase": p, **{k: c[k] for k in _COUNT_KEYS}} for (m, p), c in sorted(rows.items())
         ]
 
     def to_json(self) -> dict[str, Any]:
@@ -160,8 +159,12 @@ class _Sender:
         headers = {**self.auth, "Idempotency-Key": f"{self.run_key}-{parts[0].index}"}
         if len(parts) == 1:
             params["part_id"] = parts[0].part_id
-            return {"url": self.endpoint, "content": parts[0].png, "params": params,
-                    "headers": {**headers, "content-type": "image/png"}}
+            return {
+                "url": self.endpoint,
+                "content": parts[0].png,
+                "params": params,
+                "headers": {**headers, "content-type": "image/png"},
+            }
         return {
             "url": self.endpoint + "/batch",
             "files": [("images", (f"{p.part_id}.png", p.png, "image/png")) for p in parts],
@@ -189,15 +192,19 @@ class _Sender:
                 body = r.json()
                 answers = body["results"] if len(parts) > 1 else [body]
                 return [
-                    replace(b, status=status, verdict=a["verdict"],
-                            model=f"{a['model_name']}/{a['model_version']}",
-                            replayed=bool(a.get("replayed")), attempts=attempt + 1,
-                            seconds=seconds)
+                    replace(
+                        b,
+                        status=status,
+                        verdict=a["verdict"],
+                        model=f"{a['model_name']}/{a['model_version']}",
+                        replayed=bool(a.get("replayed")),
+                        attempts=attempt + 1,
+                        seconds=seconds,
+                    )
                     for b, a in zip(base, answers, strict=True)
                 ]
             if status in (401, 403):
-                raise StreamError(f"the service refused the API key ({status} {_detail(r)})",
-                                  invalid=True)
+                raise StreamError(f"the service refused the API key ({status} {_detail(r)})", invalid=True)
             error = f"{status} {_detail(r)}"
             if status not in (429, 503, 504):
                 break
@@ -244,8 +251,7 @@ async def send_stream(
     faster. Raises :class:`StreamError` when the service cannot be reached at all or refuses
     the key.
     """
-    if (concurrency < 1 or retries < 0 or (rate is not None and rate <= 0)
-            or not 1 <= batch <= MAX_BATCH):
+    if concurrency < 1 or retries < 0 or (rate is not None and rate <= 0) or not 1 <= batch <= MAX_BATCH:
         raise StreamError(
             f"need concurrency >= 1, retries >= 0, a rate > 0 and a batch of 1..{MAX_BATCH}; "
             f"got concurrency={concurrency} retries={retries} rate={rate} batch={batch}",
@@ -256,8 +262,7 @@ async def send_stream(
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         await _check_reachable(client, endpoint)
-        sender = _Sender(client, endpoint, key, summary.run_key, line_id or plan.line, camera_id,
-                         retries)
+        sender = _Sender(client, endpoint, key, summary.run_key, line_id or plan.line, camera_id, retries)
         queue: asyncio.Queue[list[StreamPart] | None] = asyncio.Queue(maxsize=4 * concurrency)
         started = time.perf_counter()
         chunk = batch * max(1, _RENDER_CHUNK // batch)  # whole batches per render hop
@@ -296,8 +301,7 @@ async def send_stream(
     return summary
 
 
-def _render(plan: StreamPlan, ks: range, pre: LineConditions, post: LineConditions
-            ) -> list[StreamPart]:
+def _render(plan: StreamPlan, ks: range, pre: LineConditions, post: LineConditions) -> list[StreamPart]:
     return [render_part(plan, k, pre, post) for k in ks]
 
 
@@ -307,8 +311,10 @@ async def _check_reachable(client: httpx.AsyncClient, endpoint: str) -> None:
     try:
         await client.get(f"{base}/v2/health/live", timeout=10.0)
     except httpx.TransportError as exc:
-        raise StreamError(f"cannot reach the service at {base} ({type(exc).__name__}: {exc}); "
-                          "is `kensa serve` running there?") from None
+        raise StreamError(
+            f"cannot reach the service at {base} ({type(exc).__name__}: {exc}); "
+            "is `kensa serve` running there?"
+        ) from None
 
 
 def run_stream(plan: StreamPlan, url: str, key: str, **kwargs: Any) -> StreamSummary:

@@ -48,9 +48,7 @@ class ChainProblem:
 
 def canonical_json(value: Any) -> str:
     """The one JSON spelling of ``value`` that is hashed (sorted keys, no spaces, no NaN)."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _timestamp(value: datetime) -> str:
@@ -153,9 +151,7 @@ def verify_chain(session: Session, *, expected_head: str | None = None) -> list[
     seen_expected_head = expected_head is None or expected_head == GENESIS_HASH
     # populate_existing: compare what the database holds now, not objects cached in the session.
     rows = session.scalars(
-        select(AuditEvent)
-        .order_by(AuditEvent.id)
-        .execution_options(yield_per=500, populate_existing=True)
+        select(AuditEvent).order_by(AuditEvent.id).execution_options(yield_per=500, populate_existing=True)
     )
     for event in rows:
         if event.prev_hash != expected_prev:
@@ -175,16 +171,12 @@ def verify_chain(session: Session, *, expected_head: str | None = None) -> list[
             details=event.details,
         )
         if recomputed != event.hash:
-            problems.append(
-                ChainProblem(event.id, "content does not match its hash (changed after writing)")
-            )
+            problems.append(ChainProblem(event.id, "content does not match its hash (changed after writing)"))
         if event.hash == expected_head:
             seen_expected_head = True
         # Continue from the stored hash so one tampered row is reported once, not for every
         # row after it.
         expected_prev = event.hash
     if not seen_expected_head:
-        problems.append(
-            ChainProblem(None, f"expected head {expected_head} is missing (events were removed)")
-        )
+        problems.append(ChainProblem(None, f"expected head {expected_head} is missing (events were removed)"))
     return problems

@@ -90,9 +90,7 @@ def authenticate(session: Session, plaintext: str) -> ApiKey | None:
     ):
         return None
     presented = hash_key(plaintext)
-    candidates = session.scalars(
-        select(ApiKey).where(ApiKey.prefix == plaintext[:_VISIBLE_CHARS])
-    ).all()
+    candidates = session.scalars(select(ApiKey).where(ApiKey.prefix == plaintext[:_VISIBLE_CHARS])).all()
     match: ApiKey | None = None
     for row in candidates:
         if hmac.compare_digest(row.key_hash, presented):

@@ -93,9 +93,7 @@ def upgrade(url: str, revision: str = "head") -> RevisionChange:
             finally:
                 if is_postgres:
                     connection.rollback()
-                    connection.execute(
-                        text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK_KEY}
-                    )
+                    connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK_KEY})
                     connection.commit()
             connection.commit()
     finally:

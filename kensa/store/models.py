@@ -175,9 +175,7 @@ class ReviewItem(Base):
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
-    prediction_id: Mapped[int | None] = mapped_column(
-        BigInteger, ForeignKey("predictions.id"), index=True
-    )
+    prediction_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("predictions.id"), index=True)
     image_path: Mapped[str] = mapped_column(Text)
     reason: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default="open", server_default="open")
@@ -251,9 +249,7 @@ class DriftResult(Base):
     __tablename__ = "drift_results"
     __table_args__ = (
         CheckConstraint(_in("level", DRIFT_LEVELS), name="level"),
-        Index(
-            "ix_drift_results_line_id_camera_id_created_at", "line_id", "camera_id", "created_at"
-        ),
+        Index("ix_drift_results_line_id_camera_id_created_at", "line_id", "camera_id", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)

@@ -1,1 +1,1 @@
-"""The synthetic line, module by module; import its public names from ``models.synthetic``."""
+"""The synthetic line, module by module; import its public names from ``kensa.models.line.synthetic``."""

@@ -108,17 +108,11 @@ class LineConditions:
             if not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"condition {name} must be a number; got {value!r}")
             if not lo <= value <= hi:
-                raise ValueError(
-                    f"condition {name}={value} is outside the accepted range {lo}..{hi}"
-                )
+                raise ValueError(f"condition {name}={value} is outside the accepted range {lo}..{hi}")
         if self.variant not in (*VARIANTS, "mix"):
-            raise ValueError(
-                f"condition variant={self.variant!r}; accepted: {', '.join(VARIANTS)}, mix"
-            )
+            raise ValueError(f"condition variant={self.variant!r}; accepted: {', '.join(VARIANTS)}, mix")
         if self.camera not in (*CAMERAS, "mix"):
-            raise ValueError(
-                f"condition camera={self.camera!r}; accepted: {', '.join(CAMERAS)}, mix"
-            )
+            raise ValueError(f"condition camera={self.camera!r}; accepted: {', '.join(CAMERAS)}, mix")
         if not _LINE_RE.match(self.line):
             raise ValueError(f"condition line={self.line!r}; use 1-32 letters, digits or '_'")
         object.__setattr__(self, "defect_mix", _normalise_mix(_parse_mix(self.defect_mix)))
@@ -245,6 +239,4 @@ def _fmt(value: float) -> str:
 
 def _check_size(image_size: int) -> None:
     if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
-        raise ValueError(
-            f"image_size={image_size} px; accepted: {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}"
-        )
+        raise ValueError(f"image_size={image_size} px; accepted: {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}")

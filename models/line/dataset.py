@@ -12,8 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-
-from models.line.conditions import (
+from kensa.models.line.conditions import (
     GENERATOR_VERSION,
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
@@ -22,7 +21,7 @@ from models.line.conditions import (
     PartRecord,
     _check_size,
 )
-from models.line.render import generate_part, part_seed
+from kensa.models.line.render import generate_part, part_seed
 
 
 def iter_parts(
@@ -118,9 +117,7 @@ def encode_png(image: np.ndarray) -> bytes:
     np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
     return (

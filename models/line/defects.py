@@ -6,9 +6,8 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-
-from models.line.conditions import REFERENCE_SIZE
-from models.line.scene import _VARIANTS, Hole, _norm, _pick, _polyline_dist, _Scene, _sd_material
+from kensa.models.line.conditions import REFERENCE_SIZE
+from kensa.models.line.scene import _VARIANTS, Hole, _norm, _pick, _polyline_dist, _Scene, _sd_material
 
 
 def _blob(
@@ -80,9 +79,7 @@ def _stain(sc: _Scene, rng: np.random.Generator) -> tuple[float, tuple[slice, sl
     return s, win
 
 
-def _missing_hole(
-    sc: _Scene, rng: np.random.Generator, hole: Hole
-) -> tuple[float, tuple[slice, slice]]:
+def _missing_hole(sc: _Scene, rng: np.random.Generator, hole: Hole) -> tuple[float, tuple[slice, slice]]:
     _, _, tc = _severity(rng)  # the hole's size is given; only the mark's contrast varies
     win = sc.window(hole[0], hole[1], hole[2] + 8 * sc.pr)  # bevel and wall shading reach ~8 px
     # Subtle case: a spot-faced blind hole that still looks hole-like; obvious case: bare metal.
@@ -145,9 +142,7 @@ def _dust(rng: np.random.Generator, img: np.ndarray) -> None:
         img[:, r0:r1, c0:c1] *= 1 + a * np.exp(-d2 / (2 * rr * rr))
 
 
-_DEFECT_DRAW: dict[
-    str, Callable[[_Scene, np.random.Generator], tuple[float, tuple[slice, slice]]]
-] = {
+_DEFECT_DRAW: dict[str, Callable[[_Scene, np.random.Generator], tuple[float, tuple[slice, slice]]]] = {
     "defect_scratch": _scratch,
     "defect_dent": _dent,
     "defect_stain": _stain,

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+from kensa.models.line.conditions import REFERENCE_SIZE
 from scipy import ndimage
-
-from models.line.conditions import REFERENCE_SIZE
 
 # ---------------------------------------------------------------------------------------------
 # Shared per-size precomputation: pixel grid, vignetting and texture banks (fixed seed, cached).
@@ -54,18 +53,12 @@ def _bank(size: int) -> _Bank:
         radial = ndimage.gaussian_filter1d(rng.standard_normal(4 * size), 0.6 * k, mode="wrap")
         rings.append(norm(radial))
         grain.append(norm(ndimage.gaussian_filter(rng.standard_normal((size, size)), 0.6 * k)))
-        fine = norm(
-            ndimage.gaussian_filter(rng.standard_normal((size, size)), 0.7 * k, mode="wrap")
-        )
-        coarse = norm(
-            ndimage.gaussian_filter(rng.standard_normal((size, size)), 6 * k, mode="wrap")
-        )
+        fine = norm(ndimage.gaussian_filter(rng.standard_normal((size, size)), 0.7 * k, mode="wrap"))
+        coarse = norm(ndimage.gaussian_filter(rng.standard_normal((size, size)), 6 * k, mode="wrap"))
         belt.append(norm(fine + 0.6 * coarse))
         if size <= _NOISE_TILE_MAX:
             sensor.append(rng.standard_normal((3, 2 * size, 2 * size), dtype=np.float32))
-    return _Bank(
-        x, y, vignette, tuple(brushed), tuple(rings), tuple(grain), tuple(belt), tuple(sensor)
-    )
+    return _Bank(x, y, vignette, tuple(brushed), tuple(rings), tuple(grain), tuple(belt), tuple(sensor))
 
 
 def _kelvin_rgb(kelvin: float) -> np.ndarray:
@@ -79,11 +72,7 @@ def _kelvin_rgb(kelvin: float) -> np.ndarray:
             if t <= 66
             else 288.1221695283 * (t - 60) ** -0.0755148492
         )
-        b = (
-            255.0
-            if t >= 66
-            else (0.0 if t <= 19 else 138.5177312231 * math.log(t - 10) - 305.0447927307)
-        )
+        b = 255.0 if t >= 66 else (0.0 if t <= 19 else 138.5177312231 * math.log(t - 10) - 305.0447927307)
         return np.clip(np.array([r, g, b]), 1.0, 255.0)
 
     rgb = raw(kelvin) / raw(5500.0)

@@ -12,8 +12,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-
-from models.line.conditions import (
+from kensa.models.line.conditions import (
     CAMERAS,
     CLASSES,
     DEFECT_TYPES,
@@ -23,8 +22,8 @@ from models.line.conditions import (
     PartRecord,
     _check_size,
 )
-from models.line.defects import _DEFECT_DRAW, _dust, _missing_hole, _nuisance
-from models.line.optics import (
+from kensa.models.line.defects import _DEFECT_DRAW, _dust, _missing_hole, _nuisance
+from kensa.models.line.optics import (
     _BELT_TINT,
     _CAMERA_LIGHT,
     _LIGHT_DIR,
@@ -34,7 +33,7 @@ from models.line.optics import (
     _gauss1d,
     _kelvin_rgb,
 )
-from models.line.scene import _VARIANTS, Hole, _pick, _Scene, _sd_outer
+from kensa.models.line.scene import _VARIANTS, Hole, _pick, _Scene, _sd_outer
 
 
 def _jittered(c: LineConditions, z: np.ndarray) -> dict[str, float]:
@@ -93,9 +92,7 @@ class _Look:
         )
 
 
-def _shade_metal(
-    sc: _Scene, bank: _Bank, look: _Look, d_mat: np.ndarray, facing: np.ndarray
-) -> None:
+def _shade_metal(sc: _Scene, bank: _Bank, look: _Look, d_mat: np.ndarray, facing: np.ndarray) -> None:
     """Metal luminance: albedo under a broad specular lobe, machining marks, lit bevels."""
     ids, off, px = look.tex_ids, look.tex_off, sc.px
     if _VARIANTS[sc.variant].turned:  # lathe marks are concentric rings
@@ -105,9 +102,7 @@ def _shade_metal(
     else:  # brushing runs along the part's long axis
         tile = bank.brushed[ids[0]]
         n = tile.shape[0]
-        tex = tile[
-            (sc.qy / px + off[1]).astype(np.int32) % n, (sc.qx / px + off[0]).astype(np.int32) % n
-        ]
+        tex = tile[(sc.qy / px + off[1]).astype(np.int32) % n, (sc.qx / px + off[0]).astype(np.int32) % n]
     grain = np.roll(bank.grain[ids[1]], (int(off[2]), int(off[3])), axis=(0, 1))
     axis = bank.x[0]  # separable Gaussian: two 1-D exps and an outer product
     lobe = np.outer(_gauss1d(axis, look.spec_at[1], 0.45), _gauss1d(axis, look.spec_at[0], 0.45))
@@ -128,13 +123,9 @@ def _shade_under(
     """What shows where there is no metal: the belt in the part's soft shadow; in holes the
     shadowed floor and the bore wall, lit on the side facing the light."""
     off = look.tex_off
-    belt = 0.17 + 0.025 * np.roll(
-        bank.belt[look.tex_ids[2]], (int(off[4]), int(off[5])), axis=(0, 1)
-    )
+    belt = 0.17 + 0.025 * np.roll(bank.belt[look.tex_ids[2]], (int(off[4]), int(off[5])), axis=(0, 1))
     belt += 0.01 * np.sin(2 * np.pi * (bank.x * 9 + look.belt_phase))  # belt ribs
-    sx = (
-        sc.cos * 0.035 + sc.sin * 0.045
-    ) / sc.scale  # shadow falls down-right, away from the light
+    sx = (sc.cos * 0.035 + sc.sin * 0.045) / sc.scale  # shadow falls down-right, away from the light
     sy = (sc.cos * 0.045 - sc.sin * 0.035) / sc.scale
     shadow = np.clip(0.5 - _sd_outer(sc.variant, sc.qx - sx, sc.qy - sy) / (8 * sc.pr), 0, 1)
     belt *= 1 - 0.5 * shadow
@@ -219,23 +210,15 @@ def generate_part(
     metal = look.metal_tint[:, None, None] * sc.lum
     if sc.chroma is not None:
         metal *= sc.chroma
-    under3 = (
-        _BELT_TINT[:, None, None]
-        * (1 + 0.02 * ((zlib.crc32(conditions.line.encode()) % 5) - 2))
-        * under
-    )
+    under3 = _BELT_TINT[:, None, None] * (1 + 0.02 * ((zlib.crc32(conditions.line.encode()) % 5) - 2)) * under
     img = (under3 + alpha * (metal - under3)).astype(np.float32)
     _dust(np.random.default_rng([rng_seed, 9]), img)
 
     # Light: glare blob (strongest on the metal), gain, colour, vignetting; then optics and sensor.
     axis = bank.x[0]
-    blob = np.outer(
-        _gauss1d(axis, glare_at[1], look.glare_w), _gauss1d(axis, glare_at[0], look.glare_w)
-    )
+    blob = np.outer(_gauss1d(axis, glare_at[1], look.glare_w), _gauss1d(axis, glare_at[0], look.glare_w))
     img += 1.2 * applied["glare"] * blob * (0.25 + 0.75 * alpha)
-    color = (
-        applied["lighting"] * cam_gain * _kelvin_rgb(applied["color_temp"]) * np.asarray(cam_tint)
-    )
+    color = applied["lighting"] * cam_gain * _kelvin_rgb(applied["color_temp"]) * np.asarray(cam_tint)
     img *= (255 * color).astype(np.float32)[:, None, None] * bank.vignette
     k = size / REFERENCE_SIZE
     img = _blur(img, applied["focus_blur"] * k, applied["motion_blur"] * k)

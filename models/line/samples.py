@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from models.line.conditions import (
+from kensa.models.line.conditions import (
     CAMERAS,
     CLASSES,
     CONDITION_SWEEPS,
@@ -14,7 +13,7 @@ from models.line.conditions import (
     LineConditions,
     _check_size,
 )
-from models.line.render import generate_part, part_seed
+from kensa.models.line.render import generate_part, part_seed
 
 
 def save_sample_sheets(
@@ -31,9 +30,7 @@ def save_sample_sheets(
     out.mkdir(parents=True, exist_ok=True)
     base = LineConditions()
 
-    fig, axes = plt.subplots(
-        len(CLASSES), per_class, figsize=(1.6 * per_class, 1.75 * len(CLASSES))
-    )
+    fig, axes = plt.subplots(len(CLASSES), per_class, figsize=(1.6 * per_class, 1.75 * len(CLASSES)))
     for r, cls in enumerate(CLASSES):
         for c in range(per_class):  # columns cycle through variants and cameras
             shown = base.with_overrides({"variant": VARIANTS[c % 3], "camera": CAMERAS[c // 3 % 2]})
@@ -63,15 +60,11 @@ def save_sample_sheets(
     subjects = [(subject, "ok"), (subject, "defect_crack")]
     steps = len(next(iter(CONDITION_SWEEPS.values())))
     cols = steps * len(subjects)
-    fig, axes = plt.subplots(
-        len(CONDITION_SWEEPS), cols, figsize=(1.25 * cols, 1.45 * len(CONDITION_SWEEPS))
-    )
+    fig, axes = plt.subplots(len(CONDITION_SWEEPS), cols, figsize=(1.25 * cols, 1.45 * len(CONDITION_SWEEPS)))
     for r, (name, values) in enumerate(CONDITION_SWEEPS.items()):
         for s_i, (s_seed, s_label) in enumerate(subjects):
             for v_i, value in enumerate(values):
-                image, _ = generate_part(
-                    s_seed, still.with_overrides({name: value}), image_size, s_label
-                )
+                image, _ = generate_part(s_seed, still.with_overrides({name: value}), image_size, s_label)
                 ax = axes[r, s_i * steps + v_i]
                 ax.imshow(image)
                 ax.set_title(f"{s_label.removeprefix('defect_')} {name}={value:g}", fontsize=6)

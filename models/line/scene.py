@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from models.line.conditions import REFERENCE_SIZE
+from kensa.models.line.conditions import REFERENCE_SIZE
 
 # ---------------------------------------------------------------------------------------------
 # Part geometry. Part-frame units: the image spans -1..1, so a part is roughly 1.5 units wide.
@@ -42,10 +41,7 @@ _VARIANTS: dict[str, _Variant] = {
     ),
     "B": _Variant(  # turned flange: bore and six bolt holes on a pitch circle
         holes=((0.0, 0.0, 0.24),)
-        + tuple(
-            (0.5 * math.cos(a * math.pi / 3), 0.5 * math.sin(a * math.pi / 3), 0.06)
-            for a in range(6)
-        ),
+        + tuple((0.5 * math.cos(a * math.pi / 3), 0.5 * math.sin(a * math.pi / 3), 0.06) for a in range(6)),
         omittable=(1, 2, 3, 4, 5, 6),
         turned=True,
     ),
@@ -144,14 +140,10 @@ class _Scene:
     def tint(self, win: tuple[slice, slice], mask: np.ndarray, rgb: tuple[float, ...]) -> None:
         if self.chroma is None:
             self.chroma = np.ones((3, self.size, self.size), np.float32)
-        self.chroma[:, win[0], win[1]] *= (
-            1 + mask * (np.asarray(rgb, np.float32) - 1)[:, None, None]
-        )
+        self.chroma[:, win[0], win[1]] *= 1 + mask * (np.asarray(rgb, np.float32) - 1)[:, None, None]
 
 
-def _pick(
-    rng: np.random.Generator, variant: str, holes: list[Hole], lo: float, hi: float
-) -> np.ndarray:
+def _pick(rng: np.random.Generator, variant: str, holes: list[Hole], lo: float, hi: float) -> np.ndarray:
     """A point on the part whose distance to an edge lies in (-hi, -lo); fixed draw count."""
     pts = rng.uniform(-0.8, 0.8, size=(48, 2))
     d = _sd_material(variant, holes, pts[:, 0], pts[:, 1])

@@ -13,9 +13,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.line.conditions import CAMERAS, DEFECT_TYPES, LineConditions, PartRecord, _check_size
-from models.line.dataset import encode_png
-from models.line.render import generate_part, part_seed
+from kensa.models.line.conditions import CAMERAS, DEFECT_TYPES, LineConditions, PartRecord, _check_size
+from kensa.models.line.dataset import encode_png
+from kensa.models.line.render import generate_part, part_seed
 
 # Shift names a user types, mapped to the line condition each one changes. Several names say the
 # same thing the way people say it on the shop floor ("colour temperature", "camera shift").
@@ -108,8 +108,7 @@ class StreamPlan:
     def __post_init__(self) -> None:
         if self.n < 0 or self.seed < 0 or self.shift_at < 0:
             raise ValueError(
-                f"n, seed and shift_at must be >= 0; got n={self.n} seed={self.seed} "
-                f"shift_at={self.shift_at}"
+                f"n, seed and shift_at must be >= 0; got n={self.n} seed={self.seed} shift_at={self.shift_at}"
             )
         _check_size(self.image_size)
         if self.camera is not None and self.camera not in CAMERAS:

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from kensa.serving.console.charts import BarChart, LineChart, hbars, run_chart
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from kensa.store.models import Alert, DriftResult, Prediction
-from serving.console.charts import BarChart, LineChart, hbars, run_chart
 
 SPC_WINDOWS = 30
 DEFAULT_WINDOW = 200

@@ -8,13 +8,13 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
+from kensa.serving.console.web import Pages
 from sqlalchemy.orm import Session, sessionmaker
 
 from kensa.settings import Settings
-from serving.console.web import Pages
 
 if TYPE_CHECKING:
-    from serving.console.registry_view import RegistryView
+    from kensa.serving.console.registry_view import RegistryView
 
 CurrentModel = Callable[[], dict[str, Any] | None]
 RefreshChampion = Callable[[str], Awaitable[str]]
@@ -30,7 +30,7 @@ class Console:
 
     @cached_property
     def registry(self) -> RegistryView:
-        from serving.console.registry_view import RegistryView  # MLflow: only when used
+        from kensa.serving.console.registry_view import RegistryView  # MLflow: only when used
 
         return RegistryView(self.settings)
 

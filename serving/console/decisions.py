@@ -1,5 +1,5 @@
 """Approve, reject and roll back from the console: the project's approval policy (read from the
-``[approval]`` table of kensa.toml) and kensa.approvals, the same rules the CLI and flows obey."""
+``[approval]`` table of kensa.toml) and kensa.governance.approvals, the same rules the CLI and flows obey."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import tomllib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from kensa.governance import approvals
+from kensa.governance.approvals import Approval, ApprovalError
 from pydantic import ValidationError
 
-from kensa import approvals
-from kensa.approvals import Approval, ApprovalError
 from kensa.settings import Settings
 
 T = TypeVar("T")
 
-# kensa.approvals talks to MLflow through its process-global tracking URI; the console points it
+# kensa.governance.approvals talks to MLflow through its process-global tracking URI; the console points it
 # at the settings' registry for the duration of one decision, one decision at a time.
 _MLFLOW_LOCK = threading.Lock()
 
@@ -75,7 +75,7 @@ class DecisionError(Exception):
 
 
 def decide(action: str, settings: Settings, **kwargs: Any) -> Any:
-    """Run ``kensa.approvals.<action>`` (approve, reject, rollback) under the project's policy."""
+    """Run ``kensa.governance.approvals.<action>`` (approve, reject, rollback) under the project's policy."""
     from mlflow.exceptions import MlflowException
 
     try:

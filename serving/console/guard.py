@@ -14,13 +14,7 @@ from collections.abc import Callable
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, quote
 
-from sqlalchemy.orm import Session, sessionmaker
-from starlette.responses import Response
-from starlette.routing import BaseRoute, Match, Mount
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from serving.auth import CONSOLE_POLICY, CONSOLE_PREFIX, CONSOLE_PUBLIC
-from serving.console.session import (
+from kensa.serving.console.session import (
     COOKIE_NAME,
     CSRF_FIELD,
     CSRF_HEADER,
@@ -28,6 +22,11 @@ from serving.console.session import (
     SessionCodec,
     key_is_active,
 )
+from kensa.serving.security.auth import CONSOLE_POLICY, CONSOLE_PREFIX, CONSOLE_PUBLIC
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match, Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("kensa.serving.console")
 

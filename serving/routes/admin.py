@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-
-from serving.errors import ApiError
-from serving.schemas import ErrorBody, ModelInfo, ReloadResult
-from serving.state import principal, serving_state
+from kensa.serving.errors import ApiError
+from kensa.serving.routes.schemas import ErrorBody, ModelInfo, ReloadResult
+from kensa.serving.state import principal, serving_state
 
 router = APIRouter(tags=["admin"])
 
@@ -18,9 +17,7 @@ async def current_model(request: Request) -> dict[str, Any]:
     """The model in service: name, version, hash, thresholds, provider."""
     model = serving_state(request).models.current
     if model is None:
-        raise ApiError(
-            503, "no_model", "no verified model is loaded yet", headers={"Retry-After": "5"}
-        )
+        raise ApiError(503, "no_model", "no verified model is loaded yet", headers={"Retry-After": "5"})
     return model.describe()
 
 
@@ -47,12 +44,8 @@ async def reload(request: Request) -> dict[str, Any]:
         ) from exc
     if result.status == "refused":
         serving = (
-            f"still serving version {result.serving.version}"
-            if result.serving
-            else "no model is serving"
+            f"still serving version {result.serving.version}" if result.serving else "no model is serving"
         )
         version = result.candidate.version if result.candidate else "?"
-        raise ApiError(
-            409, "model_refused", f"version {version} was refused ({result.reason}); {serving}"
-        )
+        raise ApiError(409, "model_refused", f"version {version} was refused ({result.reason}); {serving}")
     return {"status": result.status, "model": result.serving.describe() if result.serving else None}

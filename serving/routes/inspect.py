@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Header, Query, Request
+from kensa.serving.errors import ACCEPTED_FORMATS, ApiError
+from kensa.serving.inference.predlog import describe
+from kensa.serving.inference.service import ImageInput, PartInfo
+from kensa.serving.routes.schemas import BatchResult, ErrorBody, InspectResult
+from kensa.serving.state import clean_id, serving_state
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException
-
-from serving.errors import ACCEPTED_FORMATS, ApiError
-from serving.predlog import describe
-from serving.schemas import BatchResult, ErrorBody, InspectResult
-from serving.service import ImageInput, PartInfo
-from serving.state import clean_id, serving_state
 
 router = APIRouter(tags=["inspect"])
 
@@ -82,9 +81,7 @@ async def _form(request: Request, max_files: int) -> FormData:
         # One optional part_id per image, plus the few shared text fields (line_id, camera_id).
         return await request.form(max_files=max_files, max_fields=max_files + 8)
     except MultiPartException as exc:
-        raise ApiError(
-            400, "bad_multipart", f"the multipart body cannot be parsed ({exc})"
-        ) from exc
+        raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed ({exc})") from exc
 
 
 def _text_field(form: FormData, name: str) -> str | None:
@@ -101,15 +98,12 @@ async def _files(form: FormData, name: str) -> list[bytes]:
         raise ApiError(
             422,
             "missing_image",
-            f"multipart field '{name}' with a {ACCEPTED_FORMATS} file is required; "
-            f"got fields: {got}",
+            f"multipart field '{name}' with a {ACCEPTED_FORMATS} file is required; got fields: {got}",
         )
     out = []
     for value in values:
         if not isinstance(value, UploadFile):
-            raise ApiError(
-                422, "missing_image", f"multipart field '{name}' must be a file upload, not text"
-            )
+            raise ApiError(422, "missing_image", f"multipart field '{name}' must be a file upload, not text")
         out.append(await value.read())
     return out
 
@@ -123,17 +117,13 @@ def _unsupported_media(media: str, multipart_field: str) -> ApiError:
     )
 
 
-@router.post(
-    "/v1/inspect", response_model=InspectResult, responses=_ERRORS, openapi_extra=_SINGLE_BODY
-)
+@router.post("/v1/inspect", response_model=InspectResult, responses=_ERRORS, openapi_extra=_SINGLE_BODY)
 async def inspect(
     request: Request,
     part_id: str | None = Query(None, max_length=255, description="The part's id on the line."),
     line_id: str | None = Query(None, max_length=255),
     camera_id: str | None = Query(None, max_length=255),
-    idempotency_key: str | None = Header(
-        None, max_length=200, description="Retry-safe request key."
-    ),
+    idempotency_key: str | None = Header(None, max_length=200, description="Retry-safe request key."),
 ) -> dict[str, Any]:
     """Judge one image: ``ok``, ``defect`` or ``review``, with the model version that judged it.
 
@@ -159,9 +149,7 @@ async def inspect(
     return describe(answers[0])
 
 
-@router.post(
-    "/v1/inspect/batch", response_model=BatchResult, responses=_ERRORS, openapi_extra=_BATCH_BODY
-)
+@router.post("/v1/inspect/batch", response_model=BatchResult, responses=_ERRORS, openapi_extra=_BATCH_BODY)
 async def inspect_batch(
     request: Request,
     line_id: str | None = Query(None, max_length=255),
@@ -178,9 +166,7 @@ async def inspect_batch(
         raise _unsupported_media(media, "images")
     form = await _form(request, max_files=MAX_BATCH_IMAGES)
     images = await _files(form, "images")
-    part_ids = [
-        clean_id("part_id", p if isinstance(p, str) else None) for p in form.getlist("part_id")
-    ]
+    part_ids = [clean_id("part_id", p if isinstance(p, str) else None) for p in form.getlist("part_id")]
     if part_ids and len(part_ids) != len(images):
         raise ApiError(
             422,

@@ -6,12 +6,11 @@ from typing import Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
-
-from kensa import __version__
-from serving.engine import ServedModel
-from serving.errors import ApiError
-from serving.predlog import Answer
-from serving.schemas import (
+from kensa.serving.errors import ApiError
+from kensa.serving.inference.engine import ServedModel
+from kensa.serving.inference.predlog import Answer
+from kensa.serving.inference.service import ImageInput, PartInfo
+from kensa.serving.routes.schemas import (
     V2ErrorBody,
     V2InferResponse,
     V2Live,
@@ -19,9 +18,10 @@ from serving.schemas import (
     V2Ready,
     V2ServerMetadata,
 )
-from serving.service import ImageInput, PartInfo
-from serving.state import clean_id, serving_state
-from serving.v2codec import INPUT_NAME, parse_infer
+from kensa.serving.routes.v2codec import INPUT_NAME, parse_infer
+from kensa.serving.state import clean_id, serving_state
+
+from kensa import __version__
 
 router = APIRouter(tags=["v2"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -66,9 +66,7 @@ _INFER_BODY = {
 def _model(request: Request, name: str) -> ServedModel:
     model = serving_state(request).models.current
     if model is None:
-        raise ApiError(
-            503, "no_model", "no verified model is loaded yet", headers={"Retry-After": "5"}
-        )
+        raise ApiError(503, "no_model", "no verified model is loaded yet", headers={"Retry-After": "5"})
     if name != model.name:
         raise ApiError(
             404,
@@ -172,9 +170,7 @@ async def infer(
     """
     state = serving_state(request)
     model = _model(request, name)
-    parsed = parse_infer(
-        await request.body(), inference_header_content_length, model.spec.input_size
-    )
+    parsed = parse_infer(await request.body(), inference_header_content_length, model.spec.input_size)
     params = parsed.parameters
     part_ids = params.get("part_ids")
     if part_ids is None:
@@ -184,15 +180,11 @@ async def infer(
         and len(part_ids) == parsed.count
         and all(isinstance(p, str) for p in part_ids)
     ):
-        raise ApiError(
-            400, "bad_request", f"parameters.part_ids must be a list of {parsed.count} strings"
-        )
+        raise ApiError(400, "bad_request", f"parameters.part_ids must be a list of {parsed.count} strings")
     ids = {k: params.get(k) for k in ("line_id", "camera_id")}
     if any(v is not None and not isinstance(v, str) for v in ids.values()):
         raise ApiError(400, "bad_request", "parameters.line_id and camera_id must be strings")
-    part = PartInfo(
-        None, clean_id("line_id", ids["line_id"]), clean_id("camera_id", ids["camera_id"])
-    )
+    part = PartInfo(None, clean_id("line_id", ids["line_id"]), clean_id("camera_id", ids["camera_id"]))
     if parsed.tensor is not None:
         images = [ImageInput(pixels=img) for img in parsed.tensor]
     else:

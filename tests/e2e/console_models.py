@@ -68,9 +68,8 @@ def evaluate_and_tag(
 ) -> dict[str, float]:
     """Evaluate the version on labelled grey parts and record it as flows do: metrics on its run,
     kensa tags on the version, plots under ``plots/``."""
+    from kensa.models.evaluation.qc import defect_scores, escape_automation_curve, qc_metrics
     from mlflow import MlflowClient
-
-    from models.qc import defect_scores, escape_automation_curve, qc_metrics
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     images, labels = grey_parts(240, seed=5)
@@ -111,7 +110,7 @@ def evaluate_and_tag(
     for key, value in tags.items():
         client.set_model_version_tag(NAME, version, key, value)
     if plots:
-        from models.plots import plot_confusion, plot_escape_curve, plot_score_histograms
+        from kensa.models.evaluation.plots import plot_confusion, plot_escape_curve, plot_score_histograms
 
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
@@ -130,9 +129,8 @@ def register_version(client: Any, onnx_path: Path, experiment_id: str) -> str:
     """Register ``onnx_path`` as a new version: the file under the run's ``model/`` artifacts
     (where serving's registry source finds it) and its SHA-256 tag. Leaner than
     ``mlflow.onnx.log_model`` (no environment capture), which keeps the scene quick to build."""
+    from kensa.serving.inference.artifact import file_sha256
     from mlflow.exceptions import MlflowException
-
-    from serving.artifact import file_sha256
 
     run = client.create_run(experiment_id)
     with tempfile.TemporaryDirectory() as tmp:

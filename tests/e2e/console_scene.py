@@ -130,7 +130,7 @@ def open_drift_alert(
     """A drift alert shaped as ``monitoring.drift`` writes one: a drift result per window (score,
     the policy's levels and top movers, verdict counts for the p-charts), the report file, and the
     alert with the components that moved, opened through ``monitoring.alerts.open_alert``."""
-    from monitoring.alerts import open_alert
+    from kensa.monitoring.alerts import open_alert
 
     reports = scene.root / "data" / "reports"
     reports.mkdir(parents=True, exist_ok=True)

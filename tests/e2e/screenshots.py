@@ -23,10 +23,10 @@ def evidently_report(scene: Scene) -> None:
     Evidently's data-drift report) for a window whose parts came out darker and flatter than the
     reference, as behind a dirty lens."""
     import numpy as np
+    from kensa.monitoring.features import SCALAR_COLUMNS, FeatureTable
+    from kensa.monitoring.report import write_report
 
     from kensa.store.models import Alert
-    from monitoring.features import SCALAR_COLUMNS, FeatureTable
-    from monitoring.report import write_report
 
     rng = np.random.default_rng(0)
     classes = ("ok", "defect_scratch", "defect_dent")
@@ -53,7 +53,7 @@ def evidently_report(scene: Scene) -> None:
 def more_alerts(scene: Scene) -> None:
     """Two more alerts as the monitor and serving raise them: an SPC warning someone acknowledged
     and a refused model, resolved."""
-    from monitoring.alerts import acknowledge, open_alert, resolve
+    from kensa.monitoring.alerts import acknowledge, open_alert, resolve
 
     with scene.store() as session:
         spc = open_alert(

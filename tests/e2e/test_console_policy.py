@@ -10,20 +10,20 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from kensa.serving.console.pages import alerts, line, models, review, signin
+from kensa.serving.security.auth import CONSOLE_POLICY, CONSOLE_PREFIX, CONSOLE_PUBLIC
 from serving_helpers import build_contract_model, make_keys
 from starlette.routing import Mount
 
 from kensa.settings import Settings
 from kensa.store.engine import make_engine, make_session_factory
-from serving.auth import CONSOLE_POLICY, CONSOLE_PREFIX, CONSOLE_PUBLIC
-from serving.console.pages import alerts, line, models, review, signin
 
 PAGES = (signin, review, alerts, models, line)
 
 
 @pytest.fixture
 def app_and_keys(tmp_path: Path) -> Iterator[tuple[FastAPI, dict[str, str]]]:
-    from serving.app import create_app
+    from kensa.serving.app import create_app
 
     url = f"sqlite:///{tmp_path / 'kensa.db'}"
     keys = make_keys(url)

@@ -29,9 +29,7 @@ def _connect_admin() -> tuple[Engine | None, list[str]]:
     errors: list[str] = []
     for url in candidates:
         # AUTOCOMMIT: CREATE/DROP DATABASE cannot run inside a transaction.
-        engine = create_engine(
-            url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
-        )
+        engine = create_engine(url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
         try:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))

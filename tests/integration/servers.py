@@ -65,8 +65,14 @@ def write_config(folder: Path, text: str = LENIENT_CONFIG) -> Path:
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without Prefect/kensa/MLflow settings, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB_PREFIXES)}
-    env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -106,8 +112,15 @@ def _stop(process: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
 
 @contextmanager
 def running(
-    name: str, cmd: list[str], *, env: Mapping[str, str], log: Path, health_url: str,
-    url: str, cwd: Path, timeout_s: float = 120.0,
+    name: str,
+    cmd: list[str],
+    *,
+    env: Mapping[str, str],
+    log: Path,
+    health_url: str,
+    url: str,
+    cwd: Path,
+    timeout_s: float = 120.0,
 ) -> Iterator[Running]:
     """Start ``cmd`` in ``cwd``, wait until ``health_url`` answers 200, yield it, always stop it.
 
@@ -116,23 +129,26 @@ def running(
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         # Own session: the stop signal goes to the whole group the child may fork.
-        process = subprocess.Popen(cmd, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
-                                   cwd=cwd, start_new_session=True)
+        process = subprocess.Popen(
+            cmd, env=dict(env), stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
+        )
     server = Running(name, process, log, url)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode} before it was "
-                                   f"healthy:\n{server.log_tail()}")
+                raise RuntimeError(
+                    f"{name} exited with {process.returncode} before it was healthy:\n{server.log_tail()}"
+                )
             try:
                 if httpx.get(health_url, timeout=2.0).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} not healthy at {health_url} after {timeout_s:.0f} s:"
-                                   f"\n{server.log_tail()}")
+                raise RuntimeError(
+                    f"{name} not healthy at {health_url} after {timeout_s:.0f} s:\n{server.log_tail()}"
+                )
             time.sleep(0.5)
         yield server
     finally:
@@ -150,17 +166,38 @@ def prefect_server(home: Path, timeout_s: float = 180.0) -> Iterator[Running]:
         PREFECT_SERVER_UI_ENABLED="false",
         PREFECT_LOGGING_LEVEL="WARNING",
     )
-    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-           "--no-ui", "--analytics-off"]
+    cmd = [
+        str(BIN / "prefect"),
+        "server",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-ui",
+        "--analytics-off",
+    ]
     base = f"http://127.0.0.1:{port}"
-    with running("prefect server", cmd, env=env, log=home / "server.log", cwd=home,
-                 health_url=f"{base}/api/health", url=f"{base}/api", timeout_s=timeout_s) as s:
+    with running(
+        "prefect server",
+        cmd,
+        env=env,
+        log=home / "server.log",
+        cwd=home,
+        health_url=f"{base}/api/health",
+        url=f"{base}/api",
+        timeout_s=timeout_s,
+    ) as s:
         yield s
 
 
 @contextmanager
 def prefect_worker(
-    api_url: str, pool: str, home: Path, env: Mapping[str, str], timeout_s: float = 120.0,
+    api_url: str,
+    pool: str,
+    home: Path,
+    env: Mapping[str, str],
+    timeout_s: float = 120.0,
 ) -> Iterator[Running]:
     """``prefect worker start --type process`` on ``pool``, healthy once it polls the server.
 
@@ -170,36 +207,81 @@ def prefect_worker(
     port = free_port()
     home.mkdir(parents=True, exist_ok=True)
     worker_env = clean_env(
-        PREFECT_HOME=str(home), PREFECT_API_URL=api_url,
-        PREFECT_WORKER_WEBSERVER_HOST="127.0.0.1", PREFECT_WORKER_WEBSERVER_PORT=str(port),
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api_url,
+        PREFECT_WORKER_WEBSERVER_HOST="127.0.0.1",
+        PREFECT_WORKER_WEBSERVER_PORT=str(port),
         # Poll every 2 s instead of 10 s so a run starts soon after it is scheduled.
-        PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_LOGGING_LEVEL="INFO",
+        PREFECT_WORKER_QUERY_SECONDS="2",
+        PREFECT_LOGGING_LEVEL="INFO",
         **dict(env),
     )
-    cmd = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
-           "--name", f"it-{pool}", "--with-healthcheck", "--install-policy", "never",
-           # The pool must come from `kensa deploy`, not be made up by the worker.
-           "--no-create-pool-if-not-found"]
+    cmd = [
+        str(BIN / "prefect"),
+        "worker",
+        "start",
+        "--pool",
+        pool,
+        "--type",
+        "process",
+        "--name",
+        f"it-{pool}",
+        "--with-healthcheck",
+        "--install-policy",
+        "never",
+        # The pool must come from `kensa deploy`, not be made up by the worker.
+        "--no-create-pool-if-not-found",
+    ]
     # Started outside the checkout: a run finds flows/ only through the deployment's pull step.
-    with running("prefect worker", cmd, env=worker_env, log=home / "worker.log", cwd=home,
-                 health_url=f"http://127.0.0.1:{port}/health", url=api_url,
-                 timeout_s=timeout_s) as w:
+    with running(
+        "prefect worker",
+        cmd,
+        env=worker_env,
+        log=home / "worker.log",
+        cwd=home,
+        health_url=f"http://127.0.0.1:{port}/health",
+        url=api_url,
+        timeout_s=timeout_s,
+    ) as w:
         yield w
 
 
 @contextmanager
 def mlflow_server(
-    backend_uri: str, artifacts: Path, log: Path, timeout_s: float = 240.0,
+    backend_uri: str,
+    artifacts: Path,
+    log: Path,
+    timeout_s: float = 240.0,
 ) -> Iterator[Running]:
     """``mlflow server`` on a free port: ``backend_uri`` for runs and registry, artifacts
     proxied by the server into ``artifacts`` (clients only ever see ``mlflow-artifacts:/``)."""
     port = free_port()
     artifacts.mkdir(parents=True, exist_ok=True)
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
-           "--artifacts-destination", artifacts.resolve().as_uri(), "--serve-artifacts",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        artifacts.resolve().as_uri(),
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     base = f"http://127.0.0.1:{port}"
     # Creating the schema on a fresh PostgreSQL database runs every MLflow migration: slow.
-    with running("mlflow server", cmd, env=clean_env(), log=log, cwd=log.parent,
-                 health_url=f"{base}/health", url=base, timeout_s=timeout_s) as s:
+    with running(
+        "mlflow server",
+        cmd,
+        env=clean_env(),
+        log=log,
+        cwd=log.parent,
+        health_url=f"{base}/health",
+        url=base,
+        timeout_s=timeout_s,
+    ) as s:
         yield s

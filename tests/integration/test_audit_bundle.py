@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from kensa.governance import bundle as b
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from flows import bundle as b
 from kensa.cli.common import get_settings
 from kensa.cli.main import app
 
@@ -47,16 +47,16 @@ def _cli(*args: str) -> tuple[int, str]:
 def exported(tmp_path_factory: pytest.TempPathFactory, tiny_line: Path) -> Iterator[Exported]:
     """A version registered the way the sweep does it, approved by a second person, exported."""
     import mlflow
+    from kensa.flows.common import EXPERIMENT, log_outcome
+    from kensa.flows.register import register_candidate
+    from kensa.flows.stages import run_stage
+    from kensa.flows.tracking import configure_mlflow, ensure_experiment, log_dataset_input
+    from kensa.governance.approvals import Approval, approve
+    from kensa.models.data.ingest import load_dataset
+    from kensa.models.evaluation.evaluate_run import BandPolicy
+    from kensa.models.train.trainer import TrainConfig
 
-    from flows.common import EXPERIMENT, log_outcome
-    from flows.registry import register_candidate
-    from flows.stages import run_stage
-    from flows.tracking import configure_mlflow, ensure_experiment, log_dataset_input
-    from kensa.approvals import Approval, approve
     from kensa.settings import Settings
-    from models.data import load_dataset
-    from models.evaluate import BandPolicy
-    from models.train import TrainConfig
 
     tmp = tmp_path_factory.mktemp("audit")
     with pytest.MonkeyPatch.context() as mp:
@@ -67,28 +67,47 @@ def exported(tmp_path_factory: pytest.TempPathFactory, tiny_line: Path) -> Itera
         experiment = ensure_experiment(settings, EXPERIMENT)
         # A lenient band (α = 50 %) so one epoch on the tiny line still certifies it.
         outcome = run_stage(
-            tiny_line, tmp / "trial", TrainConfig(model="small_cnn", epochs=1, seed=0),
-            BandPolicy(alpha=0.5, delta=0.1, max_false_reject=0.5), None, 8, 16, show_progress=False,
+            tiny_line,
+            tmp / "trial",
+            TrainConfig(model="small_cnn", epochs=1, seed=0),
+            BandPolicy(alpha=0.5, delta=0.1, max_false_reject=0.5),
+            None,
+            8,
+            16,
+            show_progress=False,
         )
         ds = load_dataset(tiny_line)
         with mlflow.start_run(experiment_id=experiment, run_name="sweep") as run:
             log_dataset_input(tiny_line, ds.version, name=f"line-{ds.short_version}")
-            trial = client.create_run(experiment, run_name="small_cnn@1",
-                                      tags={"mlflow.parentRunId": run.info.run_id})
+            trial = client.create_run(
+                experiment, run_name="small_cnn@1", tags={"mlflow.parentRunId": run.info.run_id}
+            )
             log_outcome(client, trial.info.run_id, outcome)
             client.set_terminated(trial.info.run_id)
             mlflow.set_tag("kensa.sweep.chosen_run", trial.info.run_id)
             registered = register_candidate(
-                outcome.onnx_path, NAME, registered_by="dana", source="sweep",
+                outcome.onnx_path,
+                NAME,
+                registered_by="dana",
+                source="sweep",
                 kpi={"passed": True, "trial": "small_cnn@1", "escape_rate": outcome.metrics["escape_rate"]},
                 cost={"training": 0.004, "serving_per_million": 0.21, "tco": 3.9, "currency": "EUR"},
-                parity=outcome.parity, settings=settings,
+                parity=outcome.parity,
+                settings=settings,
             )
-        approve(NAME, registered.version, by="omar", role="operator", reason="pilot KPIs met",
-                policy=Approval(), settings=settings)
+        approve(
+            NAME,
+            registered.version,
+            by="omar",
+            role="operator",
+            reason="pilot KPIs met",
+            policy=Approval(),
+            settings=settings,
+        )
         out = tmp / "bundle.tar.gz"
-        code, output = _cli("audit", "export", registered.version, "--name", NAME, "--out", str(out),
-                            "--by", "ann-auditor")
+        code, output = _cli(
+            "audit", "export", registered.version, "--name", NAME, "--out", str(out), "--by", "ann-auditor"
+        )
         assert code == 0, output
         yield Exported(out, registered.version, registered.sha256)
     get_settings.cache_clear()
@@ -127,8 +146,16 @@ def test_fresh_bundle_verifies_offline_and_against_the_live_store(exported: Expo
     assert code == 0, output
     rows = _rows(output)
     assert set(rows.values()) == {"pass"}, output
-    assert {"files (MANIFEST.sha256)", "audit chain", "approvals", "ONNX sha256", "parity (ONNX Runtime)",
-            "dataset version", "metrics vs registration", "model card"} <= set(rows)
+    assert {
+        "files (MANIFEST.sha256)",
+        "audit chain",
+        "approvals",
+        "ONNX sha256",
+        "parity (ONNX Runtime)",
+        "dataset version",
+        "metrics vs registration",
+        "model card",
+    } <= set(rows)
     code, output = _cli("audit", "verify", str(exported.bundle), "--live")
     assert code == 0, output
     assert _rows(output)["live audit trail"] == "pass" and _rows(output)["live registry"] == "pass"
@@ -142,8 +169,16 @@ def test_fresh_bundle_verifies_offline_and_against_the_live_store(exported: Expo
     # The card covers what an auditor asks for, with the figures from the evidence files.
     card = (root / b.CARD_MD).read_text()
     metrics = json.loads((root / b.METRICS).read_text())
-    for heading in ("## Intended use", "## Data", "## Metrics", "### Slice: camera", "## Robustness",
-                    "## Thresholds and their guarantee", "## Cost", "## Limitations"):
+    for heading in (
+        "## Intended use",
+        "## Data",
+        "## Metrics",
+        "### Slice: camera",
+        "## Robustness",
+        "## Thresholds and their guarantee",
+        "## Cost",
+        "## Limitations",
+    ):
         assert heading in card
     assert f"{metrics['escape_rate']:.2%}" in card and "3.90 EUR" in card
     assert "| omar | operator | model.approve |" in card
@@ -253,7 +288,7 @@ def test_a_consistently_forged_bundle_passes_offline_but_not_against_the_store(
         mv = json.loads((root / b.MODEL_VERSION).read_text())
         mv["tags"]["kensa.status"], mv["aliases"] = "candidate", []
         (root / b.MODEL_VERSION).write_text(json.dumps(mv))
-        from flows.modelcard import render_html, render_markdown
+        from kensa.governance.modelcard import render_html, render_markdown
 
         evidence = b.card_evidence(b.read_view(root))
         (root / b.CARD_MD).write_text(render_markdown(evidence))
@@ -300,8 +335,18 @@ def test_auditor_can_read_but_not_approve(exported: Exported) -> None:
     settings = get_settings()
     with open_store(settings)() as session:
         before = session.scalar(select(func.count()).select_from(AuditEvent))
-    code, output = _cli("approve", exported.version, "--name", NAME, "--by", "ann", "--role", "auditor",
-                        "--reason", "looks fine")
+    code, output = _cli(
+        "approve",
+        exported.version,
+        "--name",
+        NAME,
+        "--by",
+        "ann",
+        "--role",
+        "auditor",
+        "--reason",
+        "looks fine",
+    )
     assert code == 2 and "role 'auditor' may not approve models" in output
     code, output = _cli("rollback", "--name", NAME, "--by", "ann", "--role", "auditor", "--reason", "x")
     assert code == 2 and "may not roll back" in output

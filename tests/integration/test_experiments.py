@@ -16,13 +16,15 @@ import pytest
 import torch
 import torchvision
 from config_helpers import LENIENT_KPI
+from kensa.flows.experiment_record import ExperimentResult
+from kensa.governance.approvals import Approval, ApprovalError, approve
+from kensa.models.data.ingest import load_dataset
+from kensa.models.nets.zoo import IMAGENET_MEAN, IMAGENET_STD
 from mlflow.tracking import MlflowClient
 from torch import nn
 from typer.testing import CliRunner
 
 import kensa
-from flows.experiment_record import ExperimentResult
-from kensa.approvals import Approval, ApprovalError, approve
 from kensa.cli.common import get_settings
 from kensa.cli.main import app
 from kensa.registry import (
@@ -39,8 +41,6 @@ from kensa.registry import (
     TAG_THRESHOLDS,
 )
 from kensa.settings import Settings
-from models.data import load_dataset
-from models.zoo import IMAGENET_MEAN, IMAGENET_STD
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -183,7 +183,7 @@ def test_own_module_is_judged_registered_and_approved_by_another_person(
     tiny_line: Path,
     tmp_path: Path,
 ) -> None:
-    from serving.engine import load_model
+    from kensa.serving.inference.engine import load_model
 
     model, _ = trained
     assert model.training  # the caller's model was evaluated as a copy, not switched to eval
@@ -246,8 +246,7 @@ def test_torchvision_onnx_is_wrapped_with_normalisation_inside_and_registered(
     env: Settings, onnx_version: str, champion: str, tiny_line: Path, tmp_path: Path
 ) -> None:
     import onnx
-
-    from models.export import cpu_session, run_onnx
+    from kensa.models.onnx.export import cpu_session, run_onnx
 
     client = MlflowClient()
     mv = client.get_model_version(REGISTRY, onnx_version)
@@ -262,7 +261,7 @@ def test_torchvision_onnx_is_wrapped_with_normalisation_inside_and_registered(
     # Raw uint8 NHWC pixels in; what the torchvision model gives for ImageNet-normalised float NCHW.
     ds = load_dataset(tiny_line)
     net = torchvision_net(len(ds.classes))
-    from models.train import split_tensors
+    from kensa.models.train.trainer import split_tensors
 
     images = split_tensors(ds, "test", 64).images[:16]
     got = run_onnx(cpu_session(path), images.permute(0, 2, 3, 1).contiguous().numpy())

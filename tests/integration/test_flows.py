@@ -49,7 +49,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.setenv("KENSA_DATA_DIR", str(tmp_path / "kensa"))
     get_settings.cache_clear()
     settings = Settings()
-    from flows.tracking import configure_mlflow
+    from kensa.flows.tracking import configure_mlflow
 
     configure_mlflow(settings)
     return settings
@@ -71,11 +71,9 @@ def _runs(name: str | None = None) -> list[mlflow.entities.Run]:
     return [r for r in runs if name is None or r.info.run_name == name]
 
 
-def test_unreachable_kpi_stops_before_the_sweep(
-    tiny_line: Path, tmp_path: Path, env: Settings
-) -> None:
-    from flows.gate import GateFailedError
-    from flows.pilot import pilot
+def test_unreachable_kpi_stops_before_the_sweep(tiny_line: Path, tmp_path: Path, env: Settings) -> None:
+    from kensa.flows.gate import GateFailedError
+    from kensa.flows.pilot import pilot
 
     config = write_config(
         tmp_path,
@@ -102,7 +100,7 @@ def test_unreachable_kpi_stops_before_the_sweep(
 def test_sweep_takes_over_the_pilots_trial_instead_of_paying_twice(
     tiny_line: Path, tmp_path: Path, env: Settings
 ) -> None:
-    from flows.pilot import pilot
+    from kensa.flows.pilot import pilot
 
     # The pilot (tiny_cnn on half the data, 1 epoch) is one point of this grid; the other point
     # (4× the FLOPs) is dearer to train and to serve, so the reused trial is chosen and registered.
@@ -152,7 +150,7 @@ def test_budget_overrun_is_refused_before_anything_starts(
 def test_pilot_to_candidate_then_approval_reject_rollback(
     tiny_line: Path, tmp_path: Path, env: Settings
 ) -> None:
-    from flows.pilot import pilot
+    from kensa.flows.pilot import pilot
 
     config = write_config(tmp_path, LENIENT)
     summary = pilot(data=str(tiny_line), config_path=str(config), registered_by="dana")
@@ -204,9 +202,7 @@ def test_pilot_to_candidate_then_approval_reject_rollback(
     r = runner.invoke(app, ["approve", first, "--by", "dana", "--reason", "mine", *cfg])
     assert r.exit_code == 2 and "two-person" in r.output
     # A role outside the approval policy is refused.
-    r = runner.invoke(
-        app, ["approve", first, "--by", "lee", "--role", "line", "--reason", "x", *cfg]
-    )
+    r = runner.invoke(app, ["approve", first, "--by", "lee", "--role", "line", "--reason", "x", *cfg])
     assert r.exit_code == 2 and "may not approve" in r.output
     r = runner.invoke(
         app,
@@ -226,7 +222,7 @@ def test_pilot_to_candidate_then_approval_reject_rollback(
     assert str(client.get_model_version_by_alias("qc-test", ALIAS_CHAMPION).version) == first
 
     # A second candidate (same model file, re-registered) to approve, then roll back.
-    from flows.registry import register_candidate
+    from kensa.flows.register import register_candidate
 
     onnx_file = Path(summary["pilot_dir"]) / "model.onnx"
     with mlflow.start_run(experiment_id=client.get_experiment_by_name("kensa").experiment_id):
@@ -251,10 +247,7 @@ def test_pilot_to_candidate_then_approval_reject_rollback(
             settings=env,
         )
     assert (
-        runner.invoke(
-            app, ["approve", v2.version, "--by", "omar", "--reason", "better", *cfg]
-        ).exit_code
-        == 0
+        runner.invoke(app, ["approve", v2.version, "--by", "omar", "--reason", "better", *cfg]).exit_code == 0
     )
     r = runner.invoke(app, ["reject", v3.version, "--by", "omar", "--reason", "worse", *cfg])
     assert r.exit_code == 0
@@ -277,8 +270,8 @@ def test_pilot_to_candidate_then_approval_reject_rollback(
 
 def test_ddp_with_two_processes_on_cpu(tiny_line: Path, tmp_path: Path) -> None:
     """torchrun + gloo, two ranks: rank 0 alone writes, quality matches one process."""
-    from flows.distributed import torchrun_command
-    from models.train import TrainConfig, train
+    from kensa.flows.distributed import torchrun_command
+    from kensa.models.train.trainer import TrainConfig, train
 
     cfg = TrainConfig(model="mobilenet_v3_small", epochs=2, seed=0, fraction=1.0)
     out = tmp_path / "ddp"

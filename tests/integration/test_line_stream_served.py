@@ -6,11 +6,11 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
+from kensa.models.line.stream import StreamPlan, iter_stream
 from serving_helpers import Api, serve_api
 from typer.testing import CliRunner
 
 from kensa.cli.main import app
-from models.line.stream import StreamPlan, iter_stream
 
 pytestmark = [pytest.mark.integration]
 
@@ -33,8 +33,21 @@ def _stream(api: Api, *args: str) -> str:
 def test_every_part_sent_is_judged_and_logged_once(api: Api, batch: str) -> None:
     before = api.count()
     line = f"L7b{batch}"
-    out = _stream(api, "--n", "240", "--seed", "11", "--image-size", "32", "--line-id", line,
-                  "--concurrency", "6", "--batch", batch)
+    out = _stream(
+        api,
+        "--n",
+        "240",
+        "--seed",
+        "11",
+        "--image-size",
+        "32",
+        "--line-id",
+        line,
+        "--concurrency",
+        "6",
+        "--batch",
+        batch,
+    )
     rows = api.rows(line_id=line)
     assert api.count() - before == 240 and len(rows) == 240
     assert sorted(r.part_id for r in rows) == [f"{line}-11-{k:06d}" for k in range(240)]
@@ -50,9 +63,25 @@ def test_every_part_sent_is_judged_and_logged_once(api: Api, batch: str) -> None
 
 
 def test_a_shifted_stream_reports_both_phases_and_sends_the_camera_given(api: Api) -> None:
-    out = _stream(api, "--n", "60", "--seed", "12", "--image-size", "32", "--line-id", "L8",
-                  "--camera-id", "C2", "--shift", "lighting=0.4", "--shift-at", "30",
-                  "--rate", "400")
+    out = _stream(
+        api,
+        "--n",
+        "60",
+        "--seed",
+        "12",
+        "--image-size",
+        "32",
+        "--line-id",
+        "L8",
+        "--camera-id",
+        "C2",
+        "--shift",
+        "lighting=0.4",
+        "--shift-at",
+        "30",
+        "--rate",
+        "400",
+    )
     rows = api.rows(line_id="L8")
     assert len(rows) == 60 and {r.camera_id for r in rows} == {"C2"}
     assert "before shift" in out and "after shift" in out and "lighting=0.4 from part 30" in out
@@ -66,8 +95,19 @@ def test_a_shifted_stream_reports_both_phases_and_sends_the_camera_given(api: Ap
 def test_a_wrong_key_stops_the_stream_with_exit_code_2(api: Api) -> None:
     before = api.count()
     result = CliRunner().invoke(
-        app, ["line", "stream", "--url", api.server.base, "--key", "kensa_not_a_key",
-              "--n", "20", "--image-size", "32"],
+        app,
+        [
+            "line",
+            "stream",
+            "--url",
+            api.server.base,
+            "--key",
+            "kensa_not_a_key",
+            "--n",
+            "20",
+            "--image-size",
+            "32",
+        ],
     )
     assert result.exit_code == 2, result.output
     assert "refused the API key (401" in " ".join(result.output.split())

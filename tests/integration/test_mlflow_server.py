@@ -47,21 +47,23 @@ class TrackedPilot:
 
 
 @pytest.fixture(scope="module")
-def tracked_pilot(mlflow_database: str, tiny_line: Path, tmp_path_factory: pytest.TempPathFactory,
-                  prefect_harness: None) -> Iterator[TrackedPilot]:
+def tracked_pilot(
+    mlflow_database: str, tiny_line: Path, tmp_path_factory: pytest.TempPathFactory, prefect_harness: None
+) -> Iterator[TrackedPilot]:
     """`mlflow server` up, then one pilot → sweep → candidate run tracked there."""
     root = tmp_path_factory.mktemp("mlflow-server")
     artifacts = root / "artifacts"
     before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    with mlflow_server(mlflow_database, artifacts, root / "mlflow.log") as server, \
-            pytest.MonkeyPatch.context() as mp:
+    with (
+        mlflow_server(mlflow_database, artifacts, root / "mlflow.log") as server,
+        pytest.MonkeyPatch.context() as mp,
+    ):
         # What a production worker's environment says; everything else stays at its default.
         mp.setenv("KENSA_DATA_DIR", str(root / "kensa"))
         mp.setenv("KENSA_MLFLOW_TRACKING_URI", server.url)
-        from flows.pilot import pilot
+        from kensa.flows.pilot import pilot
 
-        summary = pilot(data=str(tiny_line), config_path=str(write_config(root)),
-                        registered_by="dana")
+        summary = pilot(data=str(tiny_line), config_path=str(write_config(root)), registered_by="dana")
         try:
             yield TrackedPilot(server, mlflow_database, artifacts, root / "kensa", summary)
         finally:
@@ -78,19 +80,19 @@ def test_runs_and_registry_live_in_postgres_and_artifacts_go_through_the_server(
     try:
         with engine.connect() as conn:
             models = conn.execute(text("SELECT name FROM registered_models")).scalars().all()
-            aliases = conn.execute(text(
-                "SELECT alias, version FROM registered_model_aliases WHERE name = :n"),
-                {"n": MODEL_NAME}).all()
-            run_names = set(conn.execute(text(
-                "SELECT name FROM runs WHERE lifecycle_stage = 'active'")).scalars())
+            aliases = conn.execute(
+                text("SELECT alias, version FROM registered_model_aliases WHERE name = :n"), {"n": MODEL_NAME}
+            ).all()
+            run_names = set(
+                conn.execute(text("SELECT name FROM runs WHERE lifecycle_stage = 'active'")).scalars()
+            )
     finally:
         engine.dispose()
     assert models == [MODEL_NAME]
-    assert (("candidate", int(version)) in [(a, int(v)) for a, v in aliases])
+    assert ("candidate", int(version)) in [(a, int(v)) for a, v in aliases]
     assert {"pilot", "sweep", "mobilenet_v3_small@0.5"} <= run_names
 
-    client = MlflowClient(tracking_uri=tracked_pilot.server.url,
-                          registry_uri=tracked_pilot.server.url)
+    client = MlflowClient(tracking_uri=tracked_pilot.server.url, registry_uri=tracked_pilot.server.url)
     experiment = client.get_experiment_by_name("kensa")
     # The server chose the artifact store; the client only ever saw the proxy scheme...
     assert experiment.artifact_location.startswith("mlflow-artifacts:")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kensa.flows.drift_check import run_drift_check
 from monitoring_helpers import log_parts, make_parts, reference
 from sqlalchemy import func, select
 
-from flows.monitor import run_drift_check
 from kensa.settings import Settings
 from kensa.store.audit import verify_chain
 from kensa.store.connect import open_store
@@ -70,11 +70,9 @@ def test_drift_flow_alerts_once_on_a_lighting_drop_and_starts_one_retraining(
         assert verify_chain(session) == []
 
 
-def test_two_critical_alerts_of_one_check_share_one_retraining(
-    tmp_path: Path, fresh_pg_url: str
-) -> None:
+def test_two_critical_alerts_of_one_check_share_one_retraining(tmp_path: Path, fresh_pg_url: str) -> None:
     """The lamp dims over two cameras: two alerts, one retraining of the champion, both linked."""
-    from flows.monitor import start_retraining_for
+    from kensa.flows.drift_check import start_retraining_for
 
     settings = Settings(data_dir=tmp_path / "kensa", store_url=fresh_pg_url, mlflow_tracking_uri="")
     sessions = open_store(settings)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from config_helpers import LENIENT_KPI
+from kensa.models.line.stream import StreamPlan, parse_shifts
 from mlflow.tracking import MlflowClient
 from retrain_helpers import register_champion
 from serving_helpers import Server, make_keys
@@ -29,7 +30,6 @@ from kensa.registry import ALIAS_CANDIDATE, ALIAS_CHAMPION, TAG_SOURCE
 from kensa.settings import Settings
 from kensa.store.connect import open_store
 from kensa.store.models import Alert, DriftResult, Prediction, ReviewItem, utcnow
-from models.line.stream import StreamPlan, parse_shifts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,14 +52,13 @@ class Loop:
 
     def stream(self, plan: StreamPlan) -> StreamSummary:
         started = time.perf_counter()
-        summary = run_stream(plan, self.server.base, self.key, batch=12, concurrency=4,
-                             camera_id=CAMERA)
+        summary = run_stream(plan, self.server.base, self.key, batch=12, concurrency=4, camera_id=CAMERA)
         self.timings[f"stream {plan.n}"] = time.perf_counter() - started
         assert not summary.errors, summary.errors[:3]
         return summary
 
     def drift_check(self) -> dict:  # type: ignore[type-arg]
-        from flows.monitor import run_drift_check
+        from kensa.flows.drift_check import run_drift_check
 
         started = time.perf_counter()
         outcome = run_drift_check(self.settings, line_id="L1")
@@ -69,12 +68,12 @@ class Loop:
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Iterator[Loop]:
-    from flows.tracking import configure_mlflow
-    from models.data import ingest_dataset
-    from models.evaluate import BandPolicy, evaluate_run
-    from models.export import export_run
-    from models.synthetic import LineConditions, generate_dataset
-    from models.train import TrainConfig, train
+    from kensa.flows.tracking import configure_mlflow
+    from kensa.models.data.ingest import ingest_dataset
+    from kensa.models.evaluation.evaluate_run import BandPolicy, evaluate_run
+    from kensa.models.line.synthetic import LineConditions, generate_dataset
+    from kensa.models.onnx.export import export_run
+    from kensa.models.train.trainer import TrainConfig, train
 
     timings: dict[str, float] = {}
     root = tmp_path_factory.mktemp("loop")
@@ -96,8 +95,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Ite
     started = time.perf_counter()
     # One camera; 1,500 parts give a 300-part calibration split, the drift reference.
     data = root / "line"
-    generate_dataset(data, n=1500, seed=7, image_size=SIZE,
-                     conditions=LineConditions(camera=CAMERA))
+    generate_dataset(data, n=1500, seed=7, image_size=SIZE, conditions=LineConditions(camera=CAMERA))
     ingest_dataset(data, settings)
     run = root / "run"
     train(data, TrainConfig(model="tiny_cnn", epochs=1, seed=0), run, show_progress=False)
@@ -109,10 +107,10 @@ def loop(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Ite
     timings["champion"] = time.perf_counter() - started
 
     key = make_keys(settings.resolved_store_url, ["line"])["line"]
-    env = {"KENSA_SAMPLE_RATE": "0.25", "KENSA_CHAMPION_POLL_S": "3600",
-           "KENSA_PROJECT_CONFIG": str(config)}
-    server = Server(settings.data_dir, settings.resolved_store_url, env=env,
-                    mlflow_uri=settings.resolved_mlflow_uri).start(timeout=120)
+    env = {"KENSA_SAMPLE_RATE": "0.25", "KENSA_CHAMPION_POLL_S": "3600", "KENSA_PROJECT_CONFIG": str(config)}
+    server = Server(
+        settings.data_dir, settings.resolved_store_url, env=env, mlflow_uri=settings.resolved_mlflow_uri
+    ).start(timeout=120)
     try:
         yield Loop(settings, server, key, champion, timings)
     finally:
@@ -165,8 +163,15 @@ def test_a_clean_stream_of_5000_parts_raises_no_alert(loop: Loop) -> None:
 
 
 def test_a_lighting_drop_raises_a_critical_alert_queues_review_and_retrains(loop: Loop) -> None:
-    plan = StreamPlan(n=600, seed=101, image_size=SIZE, line="L1", camera=CAMERA,
-                      shift=parse_shifts(["lighting=0.5"]), shift_at=0)
+    plan = StreamPlan(
+        n=600,
+        seed=101,
+        image_size=SIZE,
+        line="L1",
+        camera=CAMERA,
+        shift=parse_shifts(["lighting=0.5"]),
+        shift_at=0,
+    )
     loop.stream(plan)
     outcome = loop.drift_check()
 

@@ -9,14 +9,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from kensa.monitoring.alerts import escalate, get_alert, open_alert, retry_failed_webhooks
+from kensa.monitoring.escalation import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 from sqlalchemy import select
 
 from kensa.settings import Settings
 from kensa.store.audit import verify_chain
 from kensa.store.connect import open_store
 from kensa.store.models import AuditEvent
-from monitoring.alerts import escalate, get_alert, open_alert, retry_failed_webhooks
-from monitoring.escalation import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 
 pytestmark = pytest.mark.integration
 SECRET = "s3cret-for-tests"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kensa.flows.deploy import DeployConfigError, load_prefect_yaml
 from mlflow.tracking import MlflowClient
 from servers import (
     MODEL_NAME,
@@ -31,7 +32,6 @@ from servers import (
 )
 from sqlalchemy import select
 
-from flows.deploy import DeployConfigError, load_prefect_yaml
 from kensa.registry import ALIAS_CANDIDATE, ALIAS_CHAMPION, TAG_REGISTERED_BY, TAG_STATUS
 from kensa.settings import Settings
 from kensa.store.audit import verify_chain
@@ -43,20 +43,24 @@ RUN_TIMEOUT_S = 480  # pilot → sweep on a shared 2-core CPU, with headroom
 
 # --- prefect.yaml, checked with the loader `prefect deploy` uses (no server needed) ------------
 
+
 def test_prefect_yaml_loads_with_prefects_own_loader() -> None:
     plan = load_prefect_yaml(PREFECT_YAML)
-    assert {p.name: p.type for p in plan.pools} == {"onprem-gpu": "process",
-                                                   "cloud-gpu": "kubernetes"}
+    assert {p.name: p.type for p in plan.pools} == {"onprem-gpu": "process", "cloud-gpu": "kubernetes"}
     assert {p.name: p.gpus for p in plan.pools}["cloud-gpu"] == 1
     by_name = {d.name: d for d in plan.deployments}
     assert {n: d.entrypoint for n, d in by_name.items()} == {
-        "pilot": "flows/pilot.py:pilot", "sweep": "flows/sweep.py:sweep",
-        "retrain": "flows/retrain.py:retrain", "drift-check": "flows/monitor.py:drift_check"}
+        "pilot": "flows/pilot.py:pilot",
+        "sweep": "flows/sweep.py:sweep",
+        "retrain": "flows/retrain.py:retrain",
+        "drift-check": "flows/drift_check.py:drift_check",
+    }
     assert {d.work_pool for d in plan.deployments} == {"onprem-gpu"}
     for d in plan.deployments:
         (step,) = d.pull_steps
-        assert step == {"prefect.deployments.steps.set_working_directory":
-                        {"directory": "{{ $KENSA_REPO_DIR }}"}}
+        assert step == {
+            "prefect.deployments.steps.set_working_directory": {"directory": "{{ $KENSA_REPO_DIR }}"}
+        }
     assert by_name["pilot"].parameters["wait_for_approval"] is True
     assert "data" not in by_name["pilot"].parameters  # given per run
     # The drift check runs on a schedule; the training flows only when started.
@@ -64,19 +68,33 @@ def test_prefect_yaml_loads_with_prefects_own_loader() -> None:
     assert all(not by_name[n].schedules for n in ("pilot", "sweep", "retrain"))
 
 
-@pytest.mark.parametrize(("mutation", "message"), [
-    # YAML that does not parse: Prefect's loader skips the file.
-    (lambda t: t + "  - name: [unclosed\n", "Prefect's loader rejects"),
-    # A field of the wrong type: Prefect's schema refuses it.
-    (lambda t: t.replace("enforce_parameter_schema: true",
-                         "enforce_parameter_schema: [not, a, bool]", 1), "Prefect's loader"),
-    # A deployment on a pool nobody creates.
-    (lambda t: t.replace("      name: onprem-gpu\n      work_queue_name",
-                         "      name: onprem-gpus\n      work_queue_name", 1), "onprem-gpus"),
-    # A schedule that is neither an interval nor a cron line, and a cron line that does not parse.
-    (lambda t: t.replace("      - interval: 900", "      - every: 15m", 1), "Prefect's loader"),
-    (lambda t: t.replace("      - interval: 900", "      - cron: '*/15 * *'", 1), "is not valid"),
-], ids=["yaml-syntax", "schema", "undeclared-pool", "schedule-kind", "schedule-cron"])
+@pytest.mark.parametrize(
+    ("mutation", "message"),
+    [
+        # YAML that does not parse: Prefect's loader skips the file.
+        (lambda t: t + "  - name: [unclosed\n", "Prefect's loader rejects"),
+        # A field of the wrong type: Prefect's schema refuses it.
+        (
+            lambda t: t.replace(
+                "enforce_parameter_schema: true", "enforce_parameter_schema: [not, a, bool]", 1
+            ),
+            "Prefect's loader",
+        ),
+        # A deployment on a pool nobody creates.
+        (
+            lambda t: t.replace(
+                "      name: onprem-gpu\n      work_queue_name",
+                "      name: onprem-gpus\n      work_queue_name",
+                1,
+            ),
+            "onprem-gpus",
+        ),
+        # A schedule that is neither an interval nor a cron line, and a cron line that does not parse.
+        (lambda t: t.replace("      - interval: 900", "      - every: 15m", 1), "Prefect's loader"),
+        (lambda t: t.replace("      - interval: 900", "      - cron: '*/15 * *'", 1), "is not valid"),
+    ],
+    ids=["yaml-syntax", "schema", "undeclared-pool", "schedule-kind", "schedule-cron"],
+)
 def test_a_broken_copy_fails_the_same_check(tmp_path: Path, mutation: Any, message: str) -> None:
     broken = tmp_path / "infra" / "prefect.yaml"
     broken.parent.mkdir()
@@ -91,27 +109,46 @@ def test_a_broken_copy_fails_the_same_check(tmp_path: Path, mutation: Any, messa
 
 # --- the server, `kensa deploy`, the worker -----------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     """`prefect server start`; this test process's Prefect client points at it meanwhile."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as server, \
-            temporary_settings(updates={PREFECT_API_URL: server.url}):
+    with (
+        prefect_server(tmp_path_factory.mktemp("prefect-server")) as server,
+        temporary_settings(updates={PREFECT_API_URL: server.url}),
+    ):
         yield server
 
 
 def _kensa_deploy(api_url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     # `kensa deploy` once kensa/cli/main.py registers it; the module is the same command.
-    cmd = [sys.executable, "-m", "kensa.cli.deploy", "--api-url", api_url,
-           "--prefect-yaml", str(PREFECT_YAML)]
-    return subprocess.run(cmd, cwd=cwd, env=clean_env(KENSA_DATA_DIR=str(cwd / "data")),
-                          capture_output=True, text=True, timeout=300, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "kensa.cli.deploy",
+        "--api-url",
+        api_url,
+        "--prefect-yaml",
+        str(PREFECT_YAML),
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=clean_env(KENSA_DATA_DIR=str(cwd / "data")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
-def deployed(prefect_api: Running, tmp_path_factory: pytest.TempPathFactory,
-             ) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+def deployed(
+    prefect_api: Running,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
     """`kensa deploy` run twice against the server (the second run must change nothing)."""
     cwd = tmp_path_factory.mktemp("deploy")
     return _kensa_deploy(prefect_api.url, cwd), _kensa_deploy(prefect_api.url, cwd)
@@ -132,8 +169,9 @@ class WorkerSide:
 
 
 @pytest.fixture(scope="module")
-def worker(prefect_api: Running, deployed: Any, tiny_line: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerSide]:
+def worker(
+    prefect_api: Running, deployed: Any, tiny_line: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerSide]:
     assert deployed[0].returncode == 0, deployed[0].stdout + deployed[0].stderr
     root = tmp_path_factory.mktemp("worker")
     data_dir = root / "kensa"
@@ -155,11 +193,15 @@ def _wait_for(flow_run_id: Any, wanted: str, worker: Running, timeout_s: float) 
             if state is not None and state.type.value == wanted:
                 return run
             if state is not None and state.is_final():
-                pytest.fail(f"flow run ended {state.type.value} ({state.message}) instead of "
-                            f"reaching {wanted}; worker log:\n{worker.log_tail(60)}")
+                pytest.fail(
+                    f"flow run ended {state.type.value} ({state.message}) instead of "
+                    f"reaching {wanted}; worker log:\n{worker.log_tail(60)}"
+                )
             if time.monotonic() > deadline:
-                pytest.fail(f"flow run still {state.type.value if state else None} after "
-                            f"{timeout_s:.0f} s; worker log:\n{worker.log_tail(60)}")
+                pytest.fail(
+                    f"flow run still {state.type.value if state else None} after "
+                    f"{timeout_s:.0f} s; worker log:\n{worker.log_tail(60)}"
+                )
             time.sleep(2)
 
 
@@ -169,25 +211,37 @@ def paused_pilot(worker: WorkerSide, tiny_line: Path) -> Any:
     from prefect.deployments import run_deployment
 
     run = run_deployment(
-        "pilot/pilot", timeout=0,  # return at once; the worker picks it up
-        parameters={"data": str(tiny_line), "config_path": str(worker.config),
-                    "registered_by": "dana", "wait_for_approval": True})
+        "pilot/pilot",
+        timeout=0,  # return at once; the worker picks it up
+        parameters={
+            "data": str(tiny_line),
+            "config_path": str(worker.config),
+            "registered_by": "dana",
+            "wait_for_approval": True,
+        },
+    )
     return _wait_for(run.id, "PAUSED", worker.worker, RUN_TIMEOUT_S)
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_kensa_deploy_creates_pools_and_deployments_idempotently(
-    prefect_api: Running, deployed: Any,
+    prefect_api: Running,
+    deployed: Any,
 ) -> None:
     from prefect.client.orchestration import get_client
 
     first, second = deployed
     assert first.returncode == 0, first.stdout + first.stderr
-    for name in ("onprem-gpu", "cloud-gpu", "pilot/pilot", "sweep/sweep", "retrain/retrain",
-                 "drift-check/drift-check"):
-        assert any(name in line and "created" in line for line in first.stdout.splitlines()), \
-            first.stdout
+    for name in (
+        "onprem-gpu",
+        "cloud-gpu",
+        "pilot/pilot",
+        "sweep/sweep",
+        "retrain/retrain",
+        "drift-check/drift-check",
+    ):
+        assert any(name in line and "created" in line for line in first.stdout.splitlines()), first.stdout
     assert "skipped" not in first.stderr
     assert second.returncode == 0, second.stdout + second.stderr
     assert "created" not in second.stdout and "updated" not in second.stdout
@@ -197,8 +251,7 @@ def test_kensa_deploy_creates_pools_and_deployments_idempotently(
         onprem = client.read_work_pool("onprem-gpu")
         cloud = client.read_work_pool("cloud-gpu")
         deployments = {d.name: d for d in client.read_deployments()}
-    assert onprem.type == "process" and "working_dir" in onprem.base_job_template["variables"][
-        "properties"]
+    assert onprem.type == "process" and "working_dir" in onprem.base_job_template["variables"]["properties"]
     # No prefect-kubernetes here: the pool still gets Kubernetes' template, asking for a GPU.
     assert cloud.type == "kubernetes"
     pod = cloud.base_job_template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
@@ -212,8 +265,7 @@ def test_kensa_deploy_creates_pools_and_deployments_idempotently(
     pilot = deployments["pilot"]
     assert pilot.entrypoint == "flows/pilot.py:pilot" and pilot.work_pool_name == "onprem-gpu"
     # The worker on this host starts each run in this checkout.
-    assert pilot.pull_steps == [{"prefect.deployments.steps.set_working_directory":
-                                 {"directory": str(REPO)}}]
+    assert pilot.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     assert pilot.enforce_parameter_schema
     assert pilot.parameter_openapi_schema["required"] == ["data"]
 
@@ -221,21 +273,32 @@ def test_kensa_deploy_creates_pools_and_deployments_idempotently(
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_changed_prefect_yaml_updates_only_what_changed(
-    prefect_api: Running, deployed: Any, tmp_path: Path,
+    prefect_api: Running,
+    deployed: Any,
+    tmp_path: Path,
 ) -> None:
+    from kensa.flows.deploy import deploy
     from prefect.client.orchestration import get_client
 
-    from flows.deploy import deploy
-
     changed = tmp_path / "prefect.yaml"
-    changed.write_text(PREFECT_YAML.read_text().replace("gpus: 1", "gpus: 2").replace(
-        "    parameters:\n      seed: 0\n      registered_by", "    parameters:\n      seed: 7\n"
-        "      registered_by"))
+    changed.write_text(
+        PREFECT_YAML.read_text()
+        .replace("gpus: 1", "gpus: 2")
+        .replace(
+            "    parameters:\n      seed: 0\n      registered_by",
+            "    parameters:\n      seed: 7\n      registered_by",
+        )
+    )
     try:
         actions = {a.name: a.action for a in deploy(changed, prefect_api.url, repo_dir=REPO)}
-        assert actions == {"onprem-gpu": "unchanged", "cloud-gpu": "updated",
-                           "pilot/pilot": "unchanged", "sweep/sweep": "updated",
-                           "retrain/retrain": "unchanged", "drift-check/drift-check": "unchanged"}
+        assert actions == {
+            "onprem-gpu": "unchanged",
+            "cloud-gpu": "updated",
+            "pilot/pilot": "unchanged",
+            "sweep/sweep": "updated",
+            "retrain/retrain": "unchanged",
+            "drift-check/drift-check": "unchanged",
+        }
         with get_client(sync_client=True) as client:
             cloud = client.read_work_pool("cloud-gpu")
             assert cloud.base_job_template["variables"]["properties"]["gpu_limit"]["default"] == 2
@@ -248,11 +311,12 @@ def test_a_changed_prefect_yaml_updates_only_what_changed(
 @pytest.mark.integration
 @pytest.mark.slow
 def test_retraining_is_started_through_its_deployment_when_the_server_has_it(
-    prefect_api: Running, deployed: Any, tmp_path: Path,
+    prefect_api: Running,
+    deployed: Any,
+    tmp_path: Path,
 ) -> None:
+    from kensa.flows.retrain import start_retraining
     from prefect.client.orchestration import get_client
-
-    from flows.retrain import start_retraining
 
     settings = Settings(data_dir=tmp_path / "kensa", prefect_api_url=prefect_api.url)
     flow_run_id = start_retraining(settings, alert_id=17, reason="critical drift on L1")
@@ -264,14 +328,18 @@ def test_retraining_is_started_through_its_deployment_when_the_server_has_it(
         client.delete_flow_run(run.id)
     assert run.deployment_id == deployment.id and run.work_pool_name == "onprem-gpu"
     assert run.state is not None and run.state.type.value == "SCHEDULED"
-    assert run.parameters == {"alert_id": 17, "reason": "critical drift on L1",
-                              "registered_by": "prefect-retrain"}
+    assert run.parameters == {
+        "alert_id": 17,
+        "reason": "critical drift on L1",
+        "registered_by": "prefect-retrain",
+    }
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_pilot_deployment_runs_on_the_worker_and_registers_a_candidate(
-    worker: WorkerSide, paused_pilot: Any,
+    worker: WorkerSide,
+    paused_pilot: Any,
 ) -> None:
     from prefect.client.orchestration import get_client
 
@@ -291,14 +359,17 @@ def test_pilot_deployment_runs_on_the_worker_and_registers_a_candidate(
 @pytest.mark.integration
 @pytest.mark.slow
 def test_approval_answered_through_the_api_makes_the_champion(
-    worker: WorkerSide, paused_pilot: Any,
+    worker: WorkerSide,
+    paused_pilot: Any,
 ) -> None:
     from prefect.flow_runs import resume_flow_run
 
     version = worker.mlflow.get_model_version_by_alias(MODEL_NAME, ALIAS_CANDIDATE).version
     # What a person fills in on the paused run in the Prefect UI; not dana, who registered it.
-    resume_flow_run(paused_pilot.id, run_input={
-        "approve": True, "by": "erin", "role": "operator", "reason": "pilot and sweep look right"})
+    resume_flow_run(
+        paused_pilot.id,
+        run_input={"approve": True, "by": "erin", "role": "operator", "reason": "pilot and sweep look right"},
+    )
     _wait_for(paused_pilot.id, "COMPLETED", worker.worker, 300)
 
     champion = worker.mlflow.get_model_version_by_alias(MODEL_NAME, ALIAS_CHAMPION)

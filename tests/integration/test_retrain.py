@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from config_helpers import LENIENT_KPI
+from kensa.models.data.ingest import load_dataset
+from kensa.models.line.stream import StreamPart, StreamPlan, iter_stream
 from mlflow.tracking import MlflowClient
 from retrain_helpers import queue_reviews, register_champion
 from sqlalchemy import select
@@ -21,8 +23,6 @@ from kensa.registry import ALIAS_CANDIDATE, ALIAS_CHAMPION, TAG_SOURCE, TAG_STAT
 from kensa.settings import Settings
 from kensa.store.connect import open_store
 from kensa.store.models import Alert, AuditEvent
-from models.data import load_dataset
-from models.line.stream import StreamPart, StreamPlan, iter_stream
 
 pytestmark = [pytest.mark.integration]
 
@@ -49,11 +49,9 @@ def _review_parts(n: int, seed: int = 41) -> list[StreamPart]:
     return list(iter_stream(StreamPlan(n=n, seed=seed, image_size=64)))
 
 
-def test_review_labels_make_a_new_dataset_version_that_contains_them(
-    tiny_line: Path, env: Settings
-) -> None:
-    from flows.retrain_inputs import labelled_reviews
-    from models.review_data import merge_reviewed
+def test_review_labels_make_a_new_dataset_version_that_contains_them(tiny_line: Path, env: Settings) -> None:
+    from kensa.flows.retrain_inputs import labelled_reviews
+    from kensa.models.data.reviewed import merge_reviewed
 
     base = load_dataset(tiny_line)
     parts = _review_parts(24)
@@ -77,8 +75,7 @@ def test_review_labels_make_a_new_dataset_version_that_contains_them(
         assert by_sha[q.sha256].metadata["origin"] == "review"
     # The champion's test set is still the yardstick: same images, same labels, same split.
     old_test = {(r.sha256, r.label) for r in base.split("test")}
-    assert {(r.sha256, r.label) for r in ds.split("test") if r.metadata["origin"] == "base"} \
-        == old_test
+    assert {(r.sha256, r.label) for r in ds.split("test") if r.metadata["origin"] == "base"} == old_test
     assert {r.split for r in merged.added} == {"train", "calibration", "test"}
     # Reviewed parts are grouped by part id like any data: one part, one split.
     assert len({r.part_id for r in merged.added}) == 20
@@ -97,10 +94,9 @@ def prefect_api(prefect_harness: None) -> None:
 def test_retraining_registers_a_compared_candidate_and_leaves_the_champion(
     tiny_line: Path, trained_run: Path, env: Settings, tmp_path: Path, prefect_api: None
 ) -> None:
+    from kensa.flows.retrain import TAG_COMPARISON, start_retraining
+    from kensa.models.onnx.export import export_run
     from prefect.client.orchestration import get_client
-
-    from flows.retrain import TAG_COMPARISON, start_retraining
-    from models.export import export_run
 
     onnx_path = export_run(trained_run, tmp_path / "champion.onnx").path
     champion = register_champion(env, onnx_path, tiny_line, "qc-retrain")
@@ -147,12 +143,13 @@ def test_retraining_registers_a_compared_candidate_and_leaves_the_champion(
         events = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
     register = [e for e in events if e.action == "model.register"]
     assert register[-1].details["source"] == "retrain"
-    assert not any(e.action == "model.approve" and e.subject.endswith(f"/{candidate.version}")
-                   for e in events)
+    assert not any(
+        e.action == "model.approve" and e.subject.endswith(f"/{candidate.version}") for e in events
+    )
 
 
 def _input_path(client: MlflowClient, run_id: str) -> str:
-    from flows.retrain_inputs import _local_path
+    from kensa.flows.retrain_inputs import _local_path
 
     for di in client.get_run(run_id).inputs.dataset_inputs:
         if {t.key: t.value for t in di.tags}.get("mlflow.data.context") == "training":
@@ -162,9 +159,7 @@ def _input_path(client: MlflowClient, run_id: str) -> str:
     raise AssertionError("no training dataset input")
 
 
-def test_kensa_retrain_without_a_champion_fails_saying_what_to_do(
-    env: Settings, prefect_api: None
-) -> None:
+def test_kensa_retrain_without_a_champion_fails_saying_what_to_do(env: Settings, prefect_api: None) -> None:
     from typer.testing import CliRunner
 
     from kensa.cli.main import app

@@ -35,9 +35,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
 
 
 @pytest.mark.parametrize(("grey", "verdict"), [(255, "ok"), (0, "defect"), (128, "review")])
-def test_v1_verdict_round_trip_is_logged_before_the_answer(
-    api: Api, grey: int, verdict: str
-) -> None:
+def test_v1_verdict_round_trip_is_logged_before_the_answer(api: Api, grey: int, verdict: str) -> None:
     r = api.post_image(
         solid(grey, noise_seed=grey),
         params={"part_id": f"p-{grey}", "line_id": "L1", "camera_id": "cam2"},

@@ -70,9 +70,7 @@ def _route_calls(api: Api) -> dict[tuple[str, str], tuple[set[str] | None, Any]]
         ),
         ("POST", "/v2/models/{name}/infer"): (
             WRITE,
-            lambda h: httpx.post(
-                f"{base}/v2/models/{name}/infer", json=tensor, headers=h, timeout=30
-            ),
+            lambda h: httpx.post(f"{base}/v2/models/{name}/infer", json=tensor, headers=h, timeout=30),
         ),
         ("GET", "/v2"): (ALL, get("/v2")),
         ("GET", "/v2/models/{name}"): (ALL, get(f"/v2/models/{name}")),
@@ -111,9 +109,7 @@ def test_unknown_malformed_and_revoked_keys_are_refused(api: Api) -> None:
     from kensa.cli import keys as keys_cli
 
     url = f"{api.server.base}/admin/model"
-    assert (
-        httpx.get(url, headers={"Authorization": "Bearer kensa_not-a-real-key"}).status_code == 401
-    )
+    assert httpx.get(url, headers={"Authorization": "Bearer kensa_not-a-real-key"}).status_code == 401
     assert httpx.get(url, headers={"Authorization": "Basic Zm9vOmJhcg=="}).status_code == 401
     # The real CLI: make a key (printed once), use it, revoke it; it stops working within the
     # key cache time (10 s) — here at once for a key the server has not cached yet.
@@ -122,9 +118,7 @@ def test_unknown_malformed_and_revoked_keys_are_refused(api: Api) -> None:
 
     get_settings.cache_clear()
     runner = CliRunner()
-    made = runner.invoke(
-        keys_cli.app, ["create", "--role", "auditor", "--name", "audit-bot"], env=env
-    )
+    made = runner.invoke(keys_cli.app, ["create", "--role", "auditor", "--name", "audit-bot"], env=env)
     assert made.exit_code == 0, made.output
     key = made.stdout.strip().splitlines()[-1]
     assert key.startswith("kensa_")

@@ -93,9 +93,7 @@ def test_kill_9_during_write_load_then_restart_loses_no_acknowledged_verdict(
     try:
         stored = _request_ids(store_url)
         missing = [rid for rid in acknowledged if rid not in stored]
-        assert not missing, (
-            f"{len(missing)} of {len(acknowledged)} acknowledged verdicts have no row"
-        )
+        assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged verdicts have no row"
         r = httpx.post(
             f"{restarted.base}/v1/inspect",
             content=solid(255),

@@ -29,9 +29,7 @@ def _png_declaring(width: int, height: int) -> bytes:
     import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
@@ -218,9 +216,7 @@ def test_schemathesis_finds_no_server_error(api: Api) -> None:
     from hypothesis import HealthCheck, given
     from hypothesis import settings as hypothesis_settings
 
-    schema = schemathesis.openapi.from_url(
-        f"{api.server.base}/openapi.json", headers=api.headers("admin")
-    )
+    schema = schemathesis.openapi.from_url(f"{api.server.base}/openapi.json", headers=api.headers("admin"))
     server_errors: list[str] = []
     statuses: list[int] = []
     operations = [result.ok() for result in schema.get_all_operations()]

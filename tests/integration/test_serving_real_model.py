@@ -9,12 +9,11 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+from kensa.models.data.ingest import load_dataset
+from kensa.models.data.parts import load_image
+from kensa.models.evaluation.qc import verdicts
+from kensa.models.onnx.export import export_run, read_metadata
 from serving_helpers import Server, make_keys
-
-from models.data import load_dataset
-from models.datasets import load_image
-from models.export import export_run, read_metadata
-from models.qc import verdicts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,15 +59,11 @@ def test_exported_model_served_over_v1_and_v2_matches_onnxruntime(
                     "name": "images",
                     "shape": [len(records)],
                     "datatype": "BYTES",
-                    "data": [
-                        base64.b64encode(r.absolute_path.read_bytes()).decode() for r in records
-                    ],
+                    "data": [base64.b64encode(r.absolute_path.read_bytes()).decode() for r in records],
                 }
             ]
         }
-        r = httpx.post(
-            f"{server.base}/v2/models/mobilenet/infer", json=payload, headers=headers, timeout=30
-        )
+        r = httpx.post(f"{server.base}/v2/models/mobilenet/infer", json=payload, headers=headers, timeout=30)
         assert r.status_code == 200, r.text
         outputs = {o["name"]: o for o in r.json()["outputs"]}
         assert outputs["verdict"]["data"] == list(expected)

@@ -280,9 +280,7 @@ def test_audit_chain_detects_deleted_events(sessions: sessionmaker[Session]) -> 
     assert "missing" in str(problems[0])
 
 
-def test_audit_trail_can_be_verified_without_kensa(
-    engine: Engine, sessions: sessionmaker[Session]
-) -> None:
+def test_audit_trail_can_be_verified_without_kensa(engine: Engine, sessions: sessionmaker[Session]) -> None:
     """A third party recomputes the chain with plain SQL, json and hashlib (the documented
     recipe in kensa.store.audit), reading values the way its driver returns them."""
     _append_three(sessions)
@@ -329,9 +327,7 @@ def test_concurrent_writers_extend_one_unbroken_chain(sessions: sessionmaker[Ses
             start.wait()
             for n in range(events_each):
                 with sessions() as session:
-                    append_event(
-                        session, actor=f"writer-{writer}", action="test.append", subject=f"n:{n}"
-                    )
+                    append_event(session, actor=f"writer-{writer}", action="test.append", subject=f"n:{n}")
                     session.commit()
         except BaseException as exc:  # surfaced in the main thread below
             errors.append(exc)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kensa.approvals import Approval
-from serving import auth
+from kensa.governance.approvals import Approval
+from kensa.serving.security import auth
 
 # Signing out changes the caller's own session cookie, nothing in the store or the registry.
 HARMLESS_WRITES = {("POST", "/console/logout")}

@@ -6,8 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-
-from models.corruptions import (
+from kensa.models.evaluation.corruptions import (
     CORRUPTIONS,
     SEVERITIES,
     apply_corruption,

@@ -11,18 +11,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
-from typer.testing import CliRunner, Result
-
-from kensa.cli.common import get_settings
-from kensa.settings import Settings
-from models.data import (
+from kensa.models.data.ingest import (
     DATASET_FILE,
     SPLITS,
     DatasetError,
     ingest_dataset,
     load_dataset,
 )
+from PIL import Image
+from typer.testing import CliRunner, Result
+
+from kensa.cli.common import get_settings
+from kensa.settings import Settings
 
 CLASSES = ("ok", "defect_scratch", "defect_dent")
 _counter = iter(range(10**9))
@@ -44,9 +44,7 @@ def make_imagefolder(root: Path, counts: dict[str, int]) -> Path:
     return root
 
 
-def write_manifest(
-    path: Path, rows: list[dict[str, str]], columns: list[str] | None = None
-) -> Path:
+def write_manifest(path: Path, rows: list[dict[str, str]], columns: list[str] | None = None) -> Path:
     columns = columns or list(rows[0])
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
@@ -55,9 +53,7 @@ def write_manifest(
     return path
 
 
-def make_parts_dataset(
-    root: Path, parts: dict[str, int], per_part: int = 2
-) -> list[dict[str, str]]:
+def make_parts_dataset(root: Path, parts: dict[str, int], per_part: int = 2) -> list[dict[str, str]]:
     """Manifest rows for ``parts[label]`` parts per label, ``per_part`` images (cameras) each."""
     rows = []
     for label, n_parts in parts.items():
@@ -159,9 +155,7 @@ def test_splits_group_parts_stratify_labels_and_are_deterministic(tmp_path: Path
     other = Path(shutil.copytree(root, tmp_path / "other"))
     write_manifest(other / "manifest.csv", list(reversed(rows)))
     again = ingest_dataset(other, settings())
-    assert [(r.path, r.split) for r in again.records] == [
-        (r.path, r.split) for r in dataset.records
-    ]
+    assert [(r.path, r.split) for r in again.records] == [(r.path, r.split) for r in dataset.records]
     assert again.version == dataset.version
     # The seed matters.
     reseeded = ingest_dataset(other, settings(split_seed=1))
@@ -342,8 +336,7 @@ def _outside_root(root: Path) -> list[str]:
     make_imagefolder(root, {"ok": 5, "defect_scratch": 5})
     write_image(root.parent / "elsewhere.png")
     rows = [
-        {"path": p.relative_to(root).as_posix(), "label": p.parent.name}
-        for p in sorted(root.glob("*/*.png"))
+        {"path": p.relative_to(root).as_posix(), "label": p.parent.name} for p in sorted(root.glob("*/*.png"))
     ]
     rows.append({"path": "../elsewhere.png", "label": "ok"})
     rows.append({"path": "/etc/hostname", "label": "ok"})

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from flows.choose import Trial, choose, tco
-from flows.compute import BudgetExceededError, check_budget, estimate_training, place_trials
-from flows.config import ConfigError, load_project_config, parse_project_config
-from flows.gate import evaluate_gate
-from models.scaling import effective_robustness, fit_power_law
+from kensa.flows.choose import Trial, choose, tco
+from kensa.flows.compute import BudgetExceededError, check_budget, estimate_training, place_trials
+from kensa.flows.config import ConfigError, load_project_config, parse_project_config
+from kensa.flows.gate import evaluate_gate
+from kensa.models.evaluation.scaling import effective_robustness, fit_power_law
 
 
 def _trial(key: str, tco_value: float, meets: bool, params: int = 1_000_000) -> Trial:

@@ -96,7 +96,12 @@ def test_compose_rules_reject_the_broken_copy() -> None:
 def test_manifests_validate_against_kubernetes_schemas() -> None:
     docs = _k8s()
     assert {d["kind"] for d in docs} >= {
-        "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap", "Job",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ConfigMap",
+        "Job",
     }
     assert ic.check_k8s_schema(docs, "infra/k8s") == []
     kustomization = yaml.safe_load((ic.INFRA / "k8s" / "kustomization.yaml").read_text())
@@ -123,16 +128,18 @@ def test_cloud_gpu_job_template_matches_what_kensa_deploy_installs(pools: dict[s
     kensa image, namespace and settings: a worker that creates the pool asks for the same GPU."""
     from importlib.resources import files
 
-    from flows.deploy import request_gpus
+    from kensa.flows.deploy import request_gpus
 
     metadata = json.loads(
-        files("prefect.server.api.collections_data").joinpath("views/aggregate-worker-metadata.json")
+        files("prefect.server.api.collections_data")
+        .joinpath("views/aggregate-worker-metadata.json")
         .read_text()
     )
     gpus = yaml.safe_load((ic.INFRA / "prefect.yaml").read_text())["definitions"]["pools"]
     cloud = next(p for p in gpus if p["name"] == "cloud-gpu")
-    reference = request_gpus(metadata["prefect-kubernetes"]["kubernetes"]["default_base_job_configuration"],
-                             cloud["gpus"])
+    reference = request_gpus(
+        metadata["prefect-kubernetes"]["kubernetes"]["default_base_job_configuration"], cloud["gpus"]
+    )
     cm = next(d for d in _k8s() if d["kind"] == "ConfigMap" and "base-job-template.json" in d.get("data", {}))
     ours = json.loads(cm["data"]["base-job-template.json"])
     assert set(ours["variables"]["properties"]) == set(reference["variables"]["properties"])
@@ -146,9 +153,12 @@ def test_cloud_gpu_job_template_matches_what_kensa_deploy_installs(pools: dict[s
 
 def test_kubernetes_schema_rejects_the_broken_copy() -> None:
     problems = ic.check_k8s_schema(ic.load_yaml_documents(BROKEN / "k8s-schema.yaml"), "k8s-schema.yaml")
-    _has(problems, "Deployment/kensa-serving: spec.replicas: 'two' is not of type 'integer'",
-         "HorizontalPodAutoscaler/kensa-serving: spec: Additional properties are not allowed "
-         "('targetCPUUtilizationPercentage' was unexpected)")
+    _has(
+        problems,
+        "Deployment/kensa-serving: spec.replicas: 'two' is not of type 'integer'",
+        "HorizontalPodAutoscaler/kensa-serving: spec: Additional properties are not allowed "
+        "('targetCPUUtilizationPercentage' was unexpected)",
+    )
 
 
 def test_kubernetes_rules_reject_the_broken_copy(pools: dict[str, str]) -> None:
@@ -180,8 +190,11 @@ def test_prefect_checks_reject_the_broken_copies() -> None:
     problems, _ = ic.check_prefect_yaml(BROKEN / "prefect-unknown-pool.yaml")
     _has(problems, "work_pool.name 'gpu-pool' is not declared under definitions.pools")
     problems, _ = ic.check_prefect_yaml(BROKEN / "prefect-bad-entrypoint.yaml")
-    _has(problems, "flows/pilot.py has no @flow function 'pilot_flow'",
-         "entrypoint file flows/nightly.py does not exist")
+    _has(
+        problems,
+        "flows/pilot.py has no @flow function 'pilot_flow'",
+        "entrypoint file flows/nightly.py does not exist",
+    )
 
 
 # --- Dockerfiles -----------------------------------------------------------------------------
@@ -194,8 +207,9 @@ def test_dockerfiles_install_the_project_and_run_a_real_command(name: str) -> No
 
 
 def test_dockerfile_check_rejects_the_broken_copy() -> None:
-    problems = ic.check_dockerfile(BROKEN / "Dockerfile.broken", base_prefix="python:3.11",
-                                   torch_index="download.pytorch.org/whl/cpu")
+    problems = ic.check_dockerfile(
+        BROKEN / "Dockerfile.broken", base_prefix="python:3.11", torch_index="download.pytorch.org/whl/cpu"
+    )
     _has(
         problems,
         "based on 'python:3.12-slim'",

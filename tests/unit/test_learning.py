@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kensa.models.data.ingest import ingest_dataset, load_dataset
+from kensa.models.line.synthetic import LineConditions, generate_dataset, iter_parts
+from kensa.models.train.trainer import TrainConfig, load_checkpoint, predict_probs, split_tensors, train
 
 from kensa.settings import Settings
-from models.data import ingest_dataset, load_dataset
-from models.synthetic import LineConditions, generate_dataset, iter_parts
-from models.train import TrainConfig, load_checkpoint, predict_probs, split_tensors, train
 
 SIZE = 64
 N_PARTS = 1000

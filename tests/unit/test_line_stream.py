@@ -6,12 +6,12 @@ import io
 
 import numpy as np
 import pytest
+from kensa.models.line.stream import StreamPlan, iter_stream, parse_shifts
 from PIL import Image
 from typer.testing import CliRunner
 
 from kensa.cli.main import app
 from kensa.cli.stream import Sent, StreamSummary
-from models.line.stream import StreamPlan, iter_stream, parse_shifts
 
 
 def _pixels(png: bytes) -> np.ndarray:
@@ -33,8 +33,7 @@ def test_the_same_seed_sends_the_same_parts_and_another_seed_others() -> None:
 
 def test_a_lighting_shift_darkens_exactly_the_parts_from_k_on() -> None:
     clean = list(iter_stream(StreamPlan(n=20, seed=1, image_size=32)))
-    plan = StreamPlan(n=20, seed=1, image_size=32, shift=parse_shifts(["lighting=0.5"]),
-                      shift_at=8)
+    plan = StreamPlan(n=20, seed=1, image_size=32, shift=parse_shifts(["lighting=0.5"]), shift_at=8)
     shifted = list(iter_stream(plan))
     assert [p.shifted for p in shifted] == [k >= 8 for k in range(20)]
     # Before K: byte-identical to the clean stream. From K: the same parts, darker.

@@ -9,10 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from kensa.cli.main import app
-from models.export import (
+from kensa.models.onnx.export import (
     ParityError,
     cpu_session,
     export_run,
@@ -20,7 +17,10 @@ from models.export import (
     read_metadata,
     run_onnx,
 )
-from models.train import TrainConfig, load_checkpoint, train
+from kensa.models.train.trainer import TrainConfig, load_checkpoint, train
+from typer.testing import CliRunner
+
+from kensa.cli.main import app
 
 runner = CliRunner()
 
@@ -75,8 +75,8 @@ def test_evaluate_writes_the_qc_figures(trained_run: Path) -> None:
 
 
 def test_robustness_section_and_relative_ce(trained_run: Path, tmp_path: Path) -> None:
-    from models.corruptions import corruption_names
-    from models.evaluate import evaluate_run
+    from kensa.models.evaluation.corruptions import corruption_names
+    from kensa.models.evaluation.evaluate_run import evaluate_run
 
     ref = evaluate_run(trained_run, corruptions=True, max_robustness_images=48, show_progress=False)
     rob = ref["robustness"]
@@ -153,7 +153,7 @@ def test_export_fails_loudly_when_parity_breaks(
 ) -> None:
     import copy
 
-    import models.export as export
+    import kensa.models.onnx.export as export
 
     real_export = export.export_onnx_file
 

@@ -7,14 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from kensa.settings import Settings
-from kensa.store.audit import verify_chain
-from kensa.store.connect import open_store
-from kensa.store.models import AuditEvent, utcnow
-from monitoring.alerts import (
+from kensa.monitoring.alerts import (
     SYSTEM_ACTOR,
     AlertStateError,
     acknowledge,
@@ -25,6 +18,13 @@ from monitoring.alerts import (
     open_alert,
     resolve,
 )
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from kensa.settings import Settings
+from kensa.store.audit import verify_chain
+from kensa.store.connect import open_store
+from kensa.store.models import AuditEvent, utcnow
 
 
 @pytest.fixture

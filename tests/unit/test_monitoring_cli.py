@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kensa.monitoring.alerts import open_alert
 from monitoring_helpers import log_parts, make_parts, reference
 from typer.testing import CliRunner
 
@@ -15,7 +16,6 @@ from kensa.cli.common import EXIT_INVALID, get_settings
 from kensa.cli.main import app
 from kensa.settings import Settings
 from kensa.store.connect import open_store
-from monitoring.alerts import open_alert
 
 
 @pytest.fixture

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kensa.monitoring.estimate import estimate_window, fit_calibrator
+from kensa.monitoring.features import SCALAR_COLUMNS
+from kensa.monitoring.policy import calibrate
 from monitoring_helpers import THRESHOLDS, make_parts
-
-from monitoring.estimate import estimate_window, fit_calibrator
-from monitoring.features import SCALAR_COLUMNS
-from monitoring.policy import calibrate
 
 SCORE = SCALAR_COLUMNS.index("defect_score")
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kensa.monitoring.features import FeatureTable
+from kensa.monitoring.policy import calibrate, load_policy, save_policy, window_alpha
 from monitoring_helpers import make_parts
-
-from monitoring.features import FeatureTable
-from monitoring.policy import calibrate, load_policy, save_policy, window_alpha
 
 
 def _episodes(levels: list[str]) -> int:

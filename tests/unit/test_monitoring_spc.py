@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from monitoring.spc import calibrate_chart, subgroup_counts, western_electric
+from kensa.monitoring.spc import calibrate_chart, subgroup_counts, western_electric
 
 
 def _rules(z: list[float], **kw: object) -> list[tuple[int, str, str]]:

@@ -10,16 +10,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from kensa.serving.errors import ApiError, error_body
+from kensa.serving.inference.artifact import ModelRefused, file_sha256, parity_images
+from kensa.serving.inference.decode import decode_image, sniff_format
+from kensa.serving.inference.engine import (
+    CPU,
+    HEAVY_MODEL_MS_PER_IMAGE,
+    candidate_providers,
+    choose_runners,
+    load_model,
+)
+from kensa.serving.inference.imagestats import image_stats
+from kensa.serving.inference.predlog import is_sampled
+from kensa.serving.routes.v2codec import parse_infer
 from PIL import Image
 from serving_helpers import SIZE, build_contract_model, encode, make_keys
-
-from serving.artifact import ModelRefused, file_sha256, parity_images
-from serving.decode import decode_image, sniff_format
-from serving.engine import CPU, HEAVY_MODEL_MS_PER_IMAGE, candidate_providers, choose_runners, load_model
-from serving.errors import ApiError, error_body
-from serving.imagestats import image_stats
-from serving.predlog import is_sampled
-from serving.v2codec import parse_infer
 
 # ---------------------------------------------------------------- decoding
 
@@ -49,7 +54,7 @@ def test_decode_resizes_to_the_model_input_and_matches_training_preprocessing() 
     png = encode(arr, "PNG")
     decoded = decode_image(png, SIZE, 10_000)
     assert decoded.pixels.shape == (SIZE, SIZE, 3) and decoded.pixels.dtype == np.uint8
-    # The same recipe as models.datasets.load_image: RGB, bilinear square resize.
+    # The same recipe as kensa.models.data.parts.load_image: RGB, bilinear square resize.
     want = np.asarray(Image.fromarray(arr).resize((SIZE, SIZE), Image.Resampling.BILINEAR))
     assert np.array_equal(decoded.pixels, want)
     assert (decoded.width, decoded.height, decoded.format) == (70, 90, "PNG")
@@ -101,7 +106,7 @@ def test_sampling_is_by_hash_and_close_to_the_rate() -> None:
 
 
 def test_parity_images_follow_the_export_recipe() -> None:
-    from models.export import PARITY_SAMPLE_SEED, PARITY_SAMPLE_SHAPE, parity_sample_images
+    from kensa.models.onnx.export import PARITY_SAMPLE_SEED, PARITY_SAMPLE_SHAPE, parity_sample_images
 
     assert np.array_equal(
         parity_images(PARITY_SAMPLE_SEED, PARITY_SAMPLE_SHAPE, 24), parity_sample_images(24)
@@ -142,9 +147,9 @@ def _batches_in_flight(tmp_path: Path, runners: int) -> tuple[int, int]:
     import time
     from dataclasses import dataclass
 
-    from serving.batcher import Batcher, BatchResult, Job
-    from serving.decode import decode_image
-    from serving.engine import ServedModel
+    from kensa.serving.inference.batcher import Batcher, BatchResult, Job
+    from kensa.serving.inference.decode import decode_image
+    from kensa.serving.inference.engine import ServedModel
 
     path = build_contract_model(tmp_path / f"m{runners}.onnx")
     base = load_model(path, name="m", version="1", expected_sha256=None, max_batch=4)
@@ -312,10 +317,10 @@ def test_error_bodies_follow_each_protocol() -> None:
 @pytest.mark.filterwarnings("ignore:Using `httpx`")
 def test_every_route_has_a_policy_and_a_route_without_one_is_denied(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
+    from kensa.serving.app import create_app
+    from kensa.serving.security.auth import POLICY, PUBLIC
 
     from kensa.settings import Settings
-    from serving.app import create_app
-    from serving.auth import POLICY, PUBLIC
 
     store = f"sqlite:///{tmp_path / 'kensa.db'}"
     keys = make_keys(store, ["admin"])

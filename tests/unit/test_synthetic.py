@@ -9,11 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from scipy import ndimage
-from typer.testing import CliRunner
-
-from models.synthetic import (
+from kensa.models.line.synthetic import (
     CLASSES,
     CONDITION_COLUMNS,
     DEFECT_TYPES,
@@ -25,17 +21,16 @@ from models.synthetic import (
     part_seed,
     read_manifest,
 )
+from PIL import Image
+from scipy import ndimage
+from typer.testing import CliRunner
 
 SIZE = 64
 SEEDS = (1, 2, 3)
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
@@ -43,9 +38,7 @@ def _grey(image: np.ndarray) -> np.ndarray:
 
 
 def _render(seed: int, label: str = "ok", **overrides: object) -> np.ndarray:
-    return generate_part(
-        part_seed(0, seed), LineConditions().with_overrides(overrides), SIZE, label
-    )[0]
+    return generate_part(part_seed(0, seed), LineConditions().with_overrides(overrides), SIZE, label)[0]
 
 
 def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path: Path) -> None:
@@ -145,9 +138,7 @@ def test_manifest_columns_rows_and_files_agree(tmp_path: Path) -> None:
 def test_defect_rate_zero_gives_only_ok_parts(tmp_path: Path) -> None:
     out = tmp_path / "ok_only"
     rows = read_manifest(
-        generate_dataset(
-            out, 15, seed=1, image_size=SIZE, conditions=LineConditions(defect_rate=0.0)
-        )
+        generate_dataset(out, 15, seed=1, image_size=SIZE, conditions=LineConditions(defect_rate=0.0))
     )
     assert {r["label"] for r in rows} == {"ok"}
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["ok"]
@@ -253,9 +244,7 @@ def test_cli_generate_rejects_invalid_input(
 ) -> None:
     from kensa.cli.main import app
 
-    result = cli.invoke(
-        app, ["line", "generate", "--out", str(tmp_path / "ds"), "--seed", "0", *extra]
-    )
+    result = cli.invoke(app, ["line", "generate", "--out", str(tmp_path / "ds"), "--seed", "0", *extra])
     assert result.exit_code == 2
     assert message in result.stderr
     assert not (tmp_path / "ds").exists()
@@ -264,9 +253,7 @@ def test_cli_generate_rejects_invalid_input(
 def test_cli_samples_writes_both_sheets(cli: CliRunner, tmp_path: Path) -> None:
     from kensa.cli.main import app
 
-    result = cli.invoke(
-        app, ["line", "samples", "--out", str(tmp_path / "img"), "--image-size", "48"]
-    )
+    result = cli.invoke(app, ["line", "samples", "--out", str(tmp_path / "img"), "--image-size", "48"])
     assert result.exit_code == 0, result.output
     for name in ("samples_by_class.png", "samples_by_condition.png"):
         with Image.open(tmp_path / "img" / name) as sheet:

@@ -7,8 +7,7 @@ import math
 
 import numpy as np
 import pytest
-
-from models.thresholds import (
+from kensa.models.evaluation.thresholds import (
     NO_AUTO_FLAG,
     NO_AUTO_PASS,
     apply_band,

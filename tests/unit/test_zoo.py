@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from models.zoo import UnknownModelError, build_model, count_parameters, model_names
+from kensa.models.nets.zoo import UnknownModelError, build_model, count_parameters, model_names
 
 
 @pytest.mark.parametrize("name", model_names())

@@ -7,14 +7,20 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Form, Path, Query, Request
+from kensa.monitoring import alerts as lifecycle
+from kensa.serving.console.alertview import (
+    drift_chart,
+    moved_features,
+    rate_charts,
+    report_file,
+    window_estimate,
+)
+from kensa.serving.console.context import console_of
+from kensa.serving.console.web import ConsoleError, user_of
+from kensa.serving.security.auth import ALERT_HANDLERS, CONSOLE_PREFIX
 from starlette.responses import FileResponse, Response
 
 from kensa.store.models import ALERT_LEVELS, ALERT_STATUSES
-from monitoring import alerts as lifecycle
-from serving.auth import ALERT_HANDLERS, CONSOLE_PREFIX
-from serving.console.alertview import drift_chart, moved_features, rate_charts, report_file, window_estimate
-from serving.console.context import console_of
-from serving.console.web import ConsoleError, user_of
 
 router = APIRouter()
 

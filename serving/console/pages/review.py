@@ -5,12 +5,9 @@ from __future__ import annotations
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, Path, Query, Request
-from starlette.responses import FileResponse, Response
-
-from serving.auth import CONSOLE_PREFIX, LABELLERS
-from serving.console.charts import hbars
-from serving.console.context import console_of
-from serving.console.queue import (
+from kensa.serving.console.charts import hbars
+from kensa.serving.console.context import console_of
+from kensa.serving.console.queue import (
     AlreadyLabelled,
     backlog,
     image_file,
@@ -19,7 +16,9 @@ from serving.console.queue import (
     queue_lines,
     recent_labels,
 )
-from serving.console.web import ConsoleError, user_of
+from kensa.serving.console.web import ConsoleError, user_of
+from kensa.serving.security.auth import CONSOLE_PREFIX, LABELLERS
+from starlette.responses import FileResponse, Response
 
 router = APIRouter()
 

@@ -1,0 +1,1 @@
+"""Who decided what: approvals, audit bundles and their verification, model cards."""

@@ -1,0 +1,1 @@
+"""The public notebook API (light: imports no Prefect)."""

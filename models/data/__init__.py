@@ -1,0 +1,1 @@
+"""Datasets: discovery, validation, splits, versions, torch datasets, reviewed additions."""

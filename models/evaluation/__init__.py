@@ -1,0 +1,1 @@
+"""QC evaluation: metrics, the review band and its guarantee, corruptions, comparison."""

@@ -1,0 +1,1 @@
+"""The model zoo: pretrained and from-scratch networks."""

@@ -1,0 +1,1 @@
+"""The ONNX artifact: export, contract, parity, variants, adapters for foreign graphs."""

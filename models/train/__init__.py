@@ -1,0 +1,1 @@
+"""Training: seeded, early-stopped, DDP-ready, with a self-describing checkpoint."""

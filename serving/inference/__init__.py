@@ -1,0 +1,1 @@
+"""From request bytes to a logged verdict: decode, batch, engine, hot swap, log."""
