@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The synthetic line's label set; a user's own line configures its own (KENSA_CLASSES).
 DEFAULT_CLASSES: tuple[str, ...] = (
@@ -35,7 +37,11 @@ class Settings(BaseSettings):
     project_config: Path | None = Field(None, description="Path of kensa.toml (project config).")
 
     # Dataset rules (ingestion).
-    classes: tuple[str, ...] = Field(DEFAULT_CLASSES, description="Accepted labels; 'ok' first.")
+    # NoDecode: the env source would parse a tuple as JSON and fail on the documented form
+    # KENSA_CLASSES=ok,defect_a,defect_b before _split_classes could see it.
+    classes: Annotated[tuple[str, ...], NoDecode] = Field(
+        DEFAULT_CLASSES, description="Accepted labels; 'ok' first."
+    )
     min_images_per_class: int = Field(5, ge=1)
     split_fractions: tuple[float, float, float] = Field(
         (0.6, 0.2, 0.2), description="train, calibration, test fractions (grouped by part id)."
@@ -88,6 +94,9 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each try.")
 
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = Field(
+        "json", description="Log lines as JSON objects, or as key=value text for a terminal."
+    )
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -95,6 +104,8 @@ class Settings(BaseSettings):
         # Allow KENSA_CLASSES=ok,defect_a,defect_b besides a JSON list.
         if isinstance(value, str) and not value.lstrip().startswith("["):
             return tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, str):
+            return json.loads(value)
         return value
 
     @field_validator("classes")

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
 from rich.table import Table
 from rich.text import Text
 
-from kensa.cli.common import EXIT_INVALID, console, err_console, get_settings
+from kensa.cli.common import ExitCode, console, err_console, fail, get_settings
 from kensa.settings import Settings
 
 if TYPE_CHECKING:
@@ -27,8 +27,7 @@ def _with_classes(settings: Settings, classes: str | None) -> Settings:
         return Settings.model_validate({**settings.model_dump(), "classes": classes})
     except ValidationError as exc:
         detail = "; ".join(str(e["msg"]) for e in exc.errors())
-        err_console.print(Text(f"invalid --classes {classes!r}: {detail}"), soft_wrap=True)
-        raise typer.Exit(EXIT_INVALID) from None
+        raise fail(f"invalid --classes {classes!r}: {detail}") from None
 
 
 def _count_table(title: str, rows: dict[str, dict[str, int]], columns: list[str]) -> Table:
@@ -69,16 +68,19 @@ def _print_card(card: DatasetCard) -> None:
 
 @app.command()
 def ingest(
-    directory: Path = typer.Argument(..., metavar="DIR", help="Dataset root folder."),
-    manifest: Path | None = typer.Option(
-        None,
-        "--manifest",
-        help="CSV with path,label[,split,part_id,line,camera,...]; "
-        "paths relative to DIR. Default: DIR/manifest.csv if present, else class folders.",
-    ),
-    classes: str | None = typer.Option(
-        None, "--classes", help="Accepted labels, comma-separated, 'ok' first (default: settings)."
-    ),
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Dataset root folder.")],
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            "--manifest",
+            help="CSV with path,label[,split,part_id,line,camera,...]; "
+            "paths relative to DIR. Default: DIR/manifest.csv if present, else class folders.",
+        ),
+    ] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option("--classes", help="Accepted labels, comma-separated, 'ok' first (default: settings)."),
+    ] = None,
 ) -> None:
     """Validate, split and version a dataset; write DIR/.kensa-dataset.json."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -104,13 +106,14 @@ def ingest(
             dataset = ingest_dataset(directory, settings, manifest=manifest, progress=advance)
         except DatasetError as exc:
             bar.stop()
+            # The report is many lines that start with what is wrong; print it as it is (Text:
+            # markup-safe), without an `error:` prefix.
             err_console.print(Text(str(exc)), soft_wrap=True, highlight=False)
-            raise typer.Exit(EXIT_INVALID) from None
+            raise typer.Exit(ExitCode.INVALID) from None
         except OSError as exc:
             # The data was valid but the dataset file could not be written (read-only folder).
             bar.stop()
-            err_console.print(Text(f"cannot write {DATASET_FILE} in {directory}: {exc}"))
-            raise typer.Exit(1) from None
+            raise fail(f"cannot write {DATASET_FILE} in {directory}: {exc}", ExitCode.FAILURE) from None
 
     for note in dataset.notes:
         err_console.print(Text(str(note)), soft_wrap=True, highlight=False)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
-from kensa.cli.common import EXIT_INVALID, console, err_console, get_settings
+from kensa.cli.common import ExitCode, JsonOpt, console, fail, get_settings, print_json
 
 if TYPE_CHECKING:
     from sqlalchemy.exc import OperationalError
@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 app = typer.Typer(help="The SQL store: schema migrations.", no_args_is_help=True)
 
 
-def _print_unreachable(shown_url: str, exc: OperationalError) -> None:
-    err_console.print(f"[red]cannot reach the store at {escape(shown_url)}:[/red] {escape(str(exc.orig))}")
+def _unreachable(shown_url: str, exc: OperationalError) -> typer.Exit:
+    return fail(f"cannot reach the store at {shown_url}: {exc.orig}", ExitCode.UNAVAILABLE)
 
 
 def _revision_label(revision: str | None) -> str:
@@ -25,9 +25,9 @@ def _revision_label(revision: str | None) -> str:
 
 @app.command()
 def upgrade(
-    revision: str = typer.Option(
-        "head", "--revision", "-r", help="Target revision; 'head' is the newest shipped."
-    ),
+    revision: Annotated[
+        str, typer.Option("--revision", "-r", help="Target revision; 'head' is the newest shipped.")
+    ] = "head",
 ) -> None:
     """Create the store or migrate it to the newest schema (safe to run again)."""
     # Imported here: SQLAlchemy and Alembic are too slow to load for `kensa --help`.
@@ -43,15 +43,11 @@ def upgrade(
         shown_url = display_url(url)
         change = upgrade_store(url, revision)
     except StoreURLError as exc:
-        err_console.print(f"[red]invalid KENSA_STORE_URL:[/red] {escape(str(exc))}")
-        raise typer.Exit(EXIT_INVALID) from exc
+        raise fail(f"invalid KENSA_STORE_URL: {exc}") from exc
     except CommandError as exc:
-        target = escape(repr(revision))
-        err_console.print(f"[red]cannot upgrade to revision {target}:[/red] {escape(str(exc))}")
-        raise typer.Exit(EXIT_INVALID) from exc
+        raise fail(f"cannot upgrade to revision {revision!r}: {exc}") from exc
     except OperationalError as exc:
-        _print_unreachable(shown_url, exc)
-        raise typer.Exit(1) from exc
+        raise _unreachable(shown_url, exc) from exc
 
     console.print(f"store     {escape(shown_url)}")
     console.print(f"before    {_revision_label(change.before)}")
@@ -61,14 +57,16 @@ def upgrade(
     elif change.after == head_revision():
         console.print("[green]upgraded to the newest schema[/green]")
     else:
-        console.print(f"[green]upgraded to {change.after}[/green]")
+        console.print(f"[green]upgraded to {escape(str(change.after))}[/green]")
 
 
 @app.command()
 def current(
-    check: bool = typer.Option(
-        False, "--check", help="Exit with status 1 unless the store is at the newest revision."
-    ),
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Exit with status 3 unless the store is at the newest revision."),
+    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Show the store's schema revision and the newest one this kensa ships."""
     from sqlalchemy.exc import OperationalError
@@ -81,17 +79,18 @@ def current(
         shown_url = display_url(url)
         revision = current_revision(url)
     except StoreURLError as exc:
-        err_console.print(f"[red]invalid KENSA_STORE_URL:[/red] {escape(str(exc))}")
-        raise typer.Exit(EXIT_INVALID) from exc
+        raise fail(f"invalid KENSA_STORE_URL: {exc}") from exc
     except OperationalError as exc:
-        _print_unreachable(shown_url, exc)
-        raise typer.Exit(1) from exc
+        raise _unreachable(shown_url, exc) from exc
 
     head = head_revision()
-    console.print(f"store     {escape(shown_url)}")
-    console.print(f"current   {_revision_label(revision)}")
-    console.print(f"newest    {head}")
-    if revision != head:
-        console.print("[yellow]behind: run `kensa db upgrade`[/yellow]")
-        if check:
-            raise typer.Exit(1)
+    if as_json:
+        print_json({"store": shown_url, "current": revision, "newest": head, "up_to_date": revision == head})
+    else:
+        console.print(f"store     {escape(shown_url)}")
+        console.print(f"current   {_revision_label(revision)}")
+        console.print(f"newest    {head}")
+        if revision != head:
+            console.print("[yellow]behind: run `kensa db upgrade`[/yellow]")
+    if revision != head and check:
+        raise typer.Exit(ExitCode.GATE)

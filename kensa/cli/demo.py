@@ -11,35 +11,34 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import click
 import typer
+from rich.markup import escape
 from rich.rule import Rule
 from rich.table import Table
 
-from kensa.cli.common import console, get_settings
+from kensa.cli.common import ExitCode, console, get_settings
 
-# `kensa pilot` exits 3 when the KPI gate stops the flow: a result to show, not a crash.
-EXIT_GATE = 3
 OPERATOR = "demo-operator"
 DATA_SCIENTIST = "demo-data-scientist"
 
 
-def _run(args: list[str], allow: tuple[int, ...] = (0,)) -> int:
+def _run(args: list[str], allow: tuple[int, ...] = (ExitCode.OK,)) -> int:
     """Run one kensa command in this process, exactly as typed on the command line."""
     from kensa.cli.main import app
 
-    console.print(Rule(f"[bold]kensa {' '.join(args)}"))
+    console.print(Rule(f"[bold]kensa {escape(' '.join(args))}"))
     command = typer.main.get_command(app)
     try:
         # Without standalone mode click returns a command's exit code instead of exiting.
         result = command.main(args=args, prog_name="kensa", standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except (click.exceptions.Exit, typer.Exit) as exc:
-        code = int(getattr(exc, "exit_code", 1) or 0)
+        code = int(getattr(exc, "exit_code", ExitCode.FAILURE) or 0)
     if code not in allow:
-        console.print(f"[red]kensa {args[0]} failed (exit {code}); the demo stops here[/red]")
+        console.print(f"[red]kensa {escape(args[0])} failed (exit {code}); the demo stops here[/red]")
         raise typer.Exit(code)
     return code
 
@@ -127,14 +126,16 @@ def _store_figures(since: Any) -> dict[str, Any]:
 
 
 def demo(
-    out: Path = typer.Option(Path(".kensa/demo"), "--out", help="Where the demo writes."),
-    n: int = typer.Option(2000, "--n", help="Parts the synthetic line makes for training."),
-    image_size: int = typer.Option(64, "--image-size"),
-    config: Path = typer.Option(Path("examples/kensa.toml"), "--config", help="Project config."),
-    clean_parts: int = typer.Option(600, "--clean-parts", help="Parts streamed before the drift."),
-    drift_parts: int = typer.Option(600, "--drift-parts", help="Parts streamed after it begins."),
-    shift: str = typer.Option("lighting=0.55", "--shift", help="The line condition that drifts."),
-    up: bool = typer.Option(False, "--up", help="Keep serving (and the console) running at the end."),
+    out: Annotated[Path, typer.Option("--out", help="Where the demo writes.")] = Path(".kensa/demo"),
+    n: Annotated[int, typer.Option("--n", help="Parts the synthetic line makes for training.")] = 2000,
+    image_size: Annotated[int, typer.Option("--image-size")] = 64,
+    config: Annotated[Path, typer.Option("--config", help="Project config.")] = Path("examples/kensa.toml"),
+    clean_parts: Annotated[int, typer.Option("--clean-parts", help="Parts streamed before the drift.")] = 600,
+    drift_parts: Annotated[int, typer.Option("--drift-parts", help="Parts streamed after it begins.")] = 600,
+    shift: Annotated[str, typer.Option("--shift", help="The line condition that drifts.")] = "lighting=0.55",
+    up: Annotated[
+        bool, typer.Option("--up", help="Keep serving (and the console) running at the end.")
+    ] = False,
 ) -> None:
     """The whole loop: line → pilot → gate → sweep → approval → serving → drift → alert → retraining."""
     from datetime import UTC, datetime
@@ -159,11 +160,12 @@ def demo(
     marks["line"] = time.perf_counter() - t0
 
     gate = _run(["pilot", "--data", str(data), "--config", str(config), "--by", DATA_SCIENTIST],
-                allow=(0, EXIT_GATE))  # fmt: skip
+                allow=(ExitCode.OK, ExitCode.GATE))  # fmt: skip
     marks["pilot → sweep"] = time.perf_counter() - t0
-    if gate == EXIT_GATE:
+    if gate == ExitCode.GATE:
+        # `kensa pilot` exits 3 when the KPI gate stops the flow: a result to show, not a crash.
         console.print("The pilot missed its KPI: the flow stopped before any scale spend (see above).")
-        raise typer.Exit(EXIT_GATE)
+        raise typer.Exit(ExitCode.GATE)
     candidate = _versions(name)["candidate"]
     assert candidate is not None, "the sweep registers a candidate when the gate passes"
     _run(["approve", candidate, "--by", OPERATOR, "--role", "operator", "--config", str(config),

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from kensa.cli.common import EXIT_INVALID, console, err_console, get_settings
-
-EXIT_GATE = 3  # the model was evaluated and missed a gate (as `kensa pilot` does)
-
-
-def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(EXIT_INVALID)
+from kensa.cli.common import ExitCode, JsonOpt, console, err_console, fail, get_settings, print_json
 
 
 def _triple(text: str | None, what: str) -> tuple[float, float, float] | None:
@@ -26,7 +20,7 @@ def _triple(text: str | None, what: str) -> tuple[float, float, float] | None:
     except ValueError:
         values = ()
     if len(values) != 3:
-        raise _fail(f"--{what} takes three numbers R,G,B (e.g. 0.485,0.456,0.406); got {text!r}")
+        raise fail(f"--{what} takes three numbers R,G,B (e.g. 0.485,0.456,0.406); got {text!r}")
     return values[0], values[1], values[2]
 
 
@@ -35,31 +29,37 @@ def _params(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise _fail(f"--param takes KEY=VALUE; got {pair!r}")
+            raise fail(f"--param takes KEY=VALUE; got {pair!r}")
         out[key.strip()] = value
     return out
 
 
 def _print_gate(gate: dict[str, Any], title: str) -> None:
-    table = Table(title=title)
+    table = Table(title=escape(title))
     for col in ("gate", "target", "achieved", ""):
         table.add_column(col, justify="left" if col == "gate" else "right")
     for row in gate["rows"]:
         mark = "[green]passed[/green]" if row["passed"] else "[red]missed[/red]"
-        table.add_row(row["kpi"], row["target"], row["achieved"], mark)
+        table.add_row(escape(str(row["kpi"])), escape(str(row["target"])), escape(str(row["achieved"])), mark)
     console.print(table)
 
 
 def register_cmd(
-    model: Path = typer.Argument(..., help="ONNX file, TorchScript file, kensa checkpoint or state dict."),
-    data: Path = typer.Option(..., "--data", help="Ingested dataset folder to judge it on."),
-    name: str | None = typer.Option(None, "--name", help="Experiment name (default: the file name)."),
-    arch: str | None = typer.Option(None, "--arch", help="Zoo architecture of a state dict."),
-    mean: str | None = typer.Option(None, "--mean", help="ONNX float input: R,G,B mean on [0,1]."),
-    std: str | None = typer.Option(None, "--std", help="ONNX float input: R,G,B std on [0,1]."),
-    by: str | None = typer.Option(None, "--by", help="Who registers it (default: you)."),
-    param: list[str] = typer.Option([], "--param", help="KEY=VALUE logged with the run; repeatable."),
-    config: Path | None = typer.Option(None, "--config", help="kensa.toml with the KPI."),
+    model: Annotated[
+        Path, typer.Argument(help="ONNX file, TorchScript file, kensa checkpoint or state dict.")
+    ],
+    data: Annotated[Path, typer.Option("--data", help="Ingested dataset folder to judge it on.")],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Experiment name (default: the file name).")
+    ] = None,
+    arch: Annotated[str | None, typer.Option("--arch", help="Zoo architecture of a state dict.")] = None,
+    mean: Annotated[str | None, typer.Option("--mean", help="ONNX float input: R,G,B mean on [0,1].")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="ONNX float input: R,G,B std on [0,1].")] = None,
+    by: Annotated[str | None, typer.Option("--by", help="Who registers it (default: you).")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", help="KEY=VALUE logged with the run; repeatable.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="kensa.toml with the KPI.")] = None,
 ) -> None:
     """Judge an existing model like a flow-made one; register it as candidate if it passes."""
     settings = get_settings()
@@ -80,18 +80,21 @@ def register_cmd(
             arch=arch,
             mean=mean_v,
             std=std_v,
-            params=_params(param),
+            params=_params(param or []),
             registered_by=by,
             config=config,
             settings=settings,
         )
     except IncompatibleModelError as exc:
-        raise _fail(f"{model.name} cannot be registered: {exc}") from None
+        raise fail(f"{model.name} cannot be registered: {exc}") from None
     except (ConfigError, DatasetError, ValueError, FileNotFoundError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     from kensa.cli.modeling import print_band, print_parity
 
-    console.print(f"[bold]{result.name}[/bold] ({result.extra['file_kind']}): {result.extra['signature']}")
+    console.print(
+        f"[bold]{escape(result.name)}[/bold] "
+        + escape(f"({result.extra['file_kind']}): {result.extra['signature']}")
+    )
     print_band(result.band)
     if "max_abs_prob_diff" in result.parity:
         print_parity(result.parity)
@@ -99,14 +102,16 @@ def register_cmd(
     if not result.passed:
         err_console.print(
             "[red]not registered[/red]: "
-            + "; ".join(result.reasons)
-            + f"\nthe evidence stays in MLflow run {result.run_id}"
+            + escape("; ".join(result.reasons))
+            + f"\nthe evidence stays in MLflow run {result.run_id}",
+            soft_wrap=True,
         )
-        raise typer.Exit(EXIT_GATE)
+        raise typer.Exit(ExitCode.GATE)
     cost = result.serving_cost_per_million or 0.0
     console.print(
-        f"[bold]candidate[/bold]: {result.registry_name} version {result.model_version} "
-        f"({result.latency_ms_per_image or 0:.2f} ms/image, {cost:.3f} {result.currency} per million parts)"
+        f"[bold]candidate[/bold]: {escape(result.registry_name)} version {result.model_version} "
+        f"({result.latency_ms_per_image or 0:.2f} ms/image, {cost:.3f} {escape(result.currency)} "
+        "per million parts)"
     )
     console.print(f"approve with: kensa approve {result.model_version} --by NAME --reason TEXT")
 
@@ -120,15 +125,22 @@ def _fmt(value: float | None, kind: str) -> str:
 
 
 def compare_cmd(
-    version_a: str = typer.Argument(..., help="First version (the reference for relative CE)."),
-    version_b: str = typer.Argument(..., help="Second version."),
-    name: str | None = typer.Option(None, "--name", help="Registered model name (default: the project's)."),
-    out: Path | None = typer.Option(None, "--out", help="Folder for the plot and JSON report."),
-    data: Path | None = typer.Option(
-        None, "--data", help="Dataset (default: the one version A was judged on)."
-    ),
-    max_images: int | None = typer.Option(None, "--max-images", min=8, help="Parts in the corruption suite."),
-    config: Path | None = typer.Option(None, "--config", help="kensa.toml (serving plan, registry name)."),
+    version_a: Annotated[str, typer.Argument(help="First version (the reference for relative CE).")],
+    version_b: Annotated[str, typer.Argument(help="Second version.")],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Registered model name (default: the project's).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the plot and JSON report.")] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Dataset (default: the one version A was judged on).")
+    ] = None,
+    max_images: Annotated[
+        int | None, typer.Option("--max-images", min=8, help="Parts in the corruption suite.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="kensa.toml (serving plan, registry name).")
+    ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Two registry versions side by side: same test parts, same corrupted copies, same clock."""
     settings = get_settings()
@@ -149,15 +161,23 @@ def compare_cmd(
             config=config,
             settings=settings,
             max_robustness_images=max_images,
+            show_progress=not as_json,  # a progress bar on stdout would break the JSON
         )
     except (CompareError, ConfigError, DatasetError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     c = result.comparison
+    if as_json:
+        print_json(
+            {**c.to_dict(), "notes": result.notes, "plot": str(result.plot), "report": str(result.report)}
+        )
+        return
     a, b = c.rows
-    table = Table(title=f"{a.label} vs {b.label} on {c.n_test} test parts ({c.n_corrupted} corrupted)")
+    table = Table(
+        title=escape(f"{a.label} vs {b.label} on {c.n_test} test parts ({c.n_corrupted} corrupted)")
+    )
     table.add_column("")
     for row in (a, b):
-        table.add_column(f"{row.label} {row.model_name} ({row.input_size}px)", justify="right")
+        table.add_column(escape(f"{row.label} {row.model_name} ({row.input_size}px)"), justify="right")
     lines = [
         ("escape rate", "escape_rate", "pct"),
         ("false reject rate", "false_reject_rate", "pct"),
@@ -168,8 +188,8 @@ def compare_cmd(
         (f"cost per million parts ({c.currency})", "cost_per_million", "money"),
     ]
     for label, key, kind in lines:
-        table.add_row(label, _fmt(getattr(a, key), kind), _fmt(getattr(b, key), kind))
+        table.add_row(escape(label), _fmt(getattr(a, key), kind), _fmt(getattr(b, key), kind))
     console.print(table)
     for note in result.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
-    console.print(f"plot: {result.plot}  report: {result.report}")
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    console.print(f"plot: {escape(str(result.plot))}  report: {escape(str(result.report))}")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from kensa.cli.common import EXIT_INVALID, console, err_console, get_settings
+from kensa.cli.common import ExitCode, JsonOpt, Role, console, fail, get_settings, print_json
 from kensa.settings import Settings
 
 
@@ -27,11 +28,6 @@ def prepare_prefect(settings: Settings) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "INFO")
-
-
-def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(EXIT_INVALID)
 
 
 def print_sweep(summary: dict[str, Any], currency: str) -> None:
@@ -52,8 +48,8 @@ def print_sweep(summary: dict[str, Any], currency: str) -> None:
     chosen = summary["chosen"]["key"]
     for t in summary["trials"]:
         table.add_row(
-            ("→ " if t["key"] == chosen else "") + t["key"],
-            t["target"],
+            escape(("→ " if t["key"] == chosen else "") + t["key"]),
+            escape(t["target"]),
             f"{t['parameters'] / 1e6:.1f}M",
             f"{t['clean_error']:.3f}",
             f"{t['corrupted_error']:.3f}",
@@ -67,11 +63,11 @@ def print_sweep(summary: dict[str, Any], currency: str) -> None:
 
 
 def pilot_cmd(
-    data: Path = typer.Option(..., "--data", help="Ingested dataset folder."),
-    config: Path | None = typer.Option(None, "--config", help="kensa.toml (default: built-in)."),
-    seed: int = typer.Option(0, "--seed"),
-    no_sweep: bool = typer.Option(False, "--no-sweep", help="Stop after the pilot's KPI gate."),
-    by: str = typer.Option("kensa-pilot", "--by", help="Who registers the candidate."),
+    data: Annotated[Path, typer.Option("--data", help="Ingested dataset folder.")],
+    config: Annotated[Path | None, typer.Option("--config", help="kensa.toml (default: built-in).")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    no_sweep: Annotated[bool, typer.Option("--no-sweep", help="Stop after the pilot's KPI gate.")] = False,
+    by: Annotated[str, typer.Option("--by", help="Who registers the candidate.")] = "kensa-pilot",
 ) -> None:
     """Pilot → KPI gate → scale sweep → candidate in the MLflow registry (a Prefect flow)."""
     settings = get_settings()
@@ -84,7 +80,7 @@ def pilot_cmd(
     try:
         project = load_project_config(config or settings.project_config)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     try:
         summary = pilot(
             data=str(data),
@@ -94,26 +90,31 @@ def pilot_cmd(
             registered_by=by,
         )
     except BudgetExceededError as exc:
-        raise _fail(f"budget: {exc}") from None
+        raise fail(f"budget: {exc}") from None
     except GateFailedError as exc:
-        err_console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(3) from None
+        raise fail(str(exc), ExitCode.GATE) from None
     gate = summary["gate"]
     console.print(
         "[green]pilot KPI gate passed[/green]: "
-        + "; ".join(f"{r['kpi']} {r['achieved']} (target {r['target']})" for r in gate["rows"])
+        + escape("; ".join(f"{r['kpi']} {r['achieved']} (target {r['target']})" for r in gate["rows"]))
     )
     console.print(
-        f"pilot MLflow run {summary['pilot_run_id']}, cost {summary['pilot_cost']:.3f} {summary['currency']}"
+        escape(
+            f"pilot MLflow run {summary['pilot_run_id']}, "
+            f"cost {summary['pilot_cost']:.3f} {summary['currency']}"
+        )
     )
     if "sweep" in summary:
         s = summary["sweep"]
         print_sweep(s, project.currency)
         console.print(
-            f"[bold]candidate[/bold]: {s['model_name']} version {s['model_version']} "
-            f"({s['chosen']['key']}); MLflow sweep run {s['sweep_run_id']}"
+            "[bold]candidate[/bold]: "
+            + escape(
+                f"{s['model_name']} version {s['model_version']} "
+                f"({s['chosen']['key']}); MLflow sweep run {s['sweep_run_id']}"
+            )
         )
-        console.print(f"plots: {s['scaling_plot']}  {s['frontier_plot']}")
+        console.print(escape(f"plots: {s['scaling_plot']}  {s['frontier_plot']}"))
         console.print(f"approve with: kensa approve {s['model_version']} --by NAME --reason TEXT")
 
 
@@ -129,89 +130,113 @@ def _registry_call(action: str, name: str | None, config: Path | None, **kwargs:
     try:
         project = load_project_config(config or settings.project_config)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     configure_mlflow(settings)
     model = name or project.name
     try:
         return model, getattr(registry, action)(model, policy=project.approval, settings=settings, **kwargs)
     except registry.ApprovalError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     except mlflow.exceptions.MlflowException as exc:
         # An unknown model or version: say which, without MLflow's internals.
-        raise _fail(f"{model} {kwargs.get('version', '')}: {exc.message.splitlines()[0]}") from None
+        raise fail(f"{model} {kwargs.get('version', '')}: {exc.message.splitlines()[0]}") from None
 
 
-VersionArg = typer.Argument(..., help="Model version in the registry.")
-ByOpt = typer.Option(..., "--by", help="Who decides (recorded in the audit log).")
-ReasonOpt = typer.Option(..., "--reason", help="Why (recorded in the audit log).")
-RoleOpt = typer.Option("admin", "--role", help="The decider's role, checked against the policy.")
-NameOpt = typer.Option(None, "--name", help="Registered model name (default: the project's).")
-ConfigOpt = typer.Option(None, "--config", help="kensa.toml with the approval policy.")
+VersionArg = Annotated[str, typer.Argument(help="Model version in the registry.")]
+ByOpt = Annotated[str, typer.Option("--by", help="Who decides (recorded in the audit log).")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit log).")]
+RoleOpt = Annotated[Role, typer.Option("--role", help="The decider's role, checked against the policy.")]
+NameOpt = Annotated[
+    str | None, typer.Option("--name", help="Registered model name (default: the project's).")
+]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="kensa.toml with the approval policy.")]
 
 
 def approve_cmd(
-    version: str = VersionArg,
-    by: str = ByOpt,
-    reason: str = ReasonOpt,
-    role: str = RoleOpt,
-    name: str | None = NameOpt,
-    config: Path | None = ConfigOpt,
+    version: VersionArg,
+    by: ByOpt,
+    reason: ReasonOpt,
+    role: RoleOpt = Role.ADMIN,
+    name: NameOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Approve a candidate: it becomes the champion that serving hot-swaps to."""
     model, previous = _registry_call(
-        "approve", name, config, version=version, by=by, role=role, reason=reason
+        "approve", name, config, version=version, by=by, role=role.value, reason=reason
     )
     was = f" (was {previous})" if previous else ""
-    console.print(f"[green]{model} version {version} is now champion[/green]{was}")
+    console.print(f"[green]{escape(f'{model} version {version} is now champion')}[/green]{escape(was)}")
 
 
 def reject_cmd(
-    version: str = VersionArg,
-    by: str = ByOpt,
-    reason: str = ReasonOpt,
-    role: str = RoleOpt,
-    name: str | None = NameOpt,
-    config: Path | None = ConfigOpt,
+    version: VersionArg,
+    by: ByOpt,
+    reason: ReasonOpt,
+    role: RoleOpt = Role.ADMIN,
+    name: NameOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Reject a candidate (kept for the record; never gets an alias)."""
-    model, _ = _registry_call("reject", name, config, version=version, by=by, role=role, reason=reason)
-    console.print(f"{model} version {version} rejected")
+    model, _ = _registry_call("reject", name, config, version=version, by=by, role=role.value, reason=reason)
+    console.print(escape(f"{model} version {version} rejected"))
 
 
 def rollback_cmd(
-    by: str = ByOpt,
-    reason: str = ReasonOpt,
-    role: str = RoleOpt,
-    name: str | None = NameOpt,
-    config: Path | None = ConfigOpt,
+    by: ByOpt,
+    reason: ReasonOpt,
+    role: RoleOpt = Role.ADMIN,
+    name: NameOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Return the champion alias to the version it replaced."""
-    _, (old, new) = _registry_call("rollback", name, config, by=by, role=role, reason=reason)
-    console.print(f"champion rolled back from version {old} to {new}")
+    _, (old, new) = _registry_call("rollback", name, config, by=by, role=role.value, reason=reason)
+    console.print(escape(f"champion rolled back from version {old} to {new}"))
 
 
 def cost_cmd(
-    version: str | None = typer.Option(None, "--version", help="Only this model version."),
+    version: Annotated[str | None, typer.Option("--version", help="Only this model version.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Print the cost ledger: device-hours and cost per run, stage, target and model version."""
     from kensa.flows.ledger import read_ledger
 
     lines = read_ledger(get_settings(), version)
+    totals: dict[str, float] = {}
+    for line in lines:
+        totals[line.currency] = totals.get(line.currency, 0.0) + line.cost
+    if as_json:
+        print_json(
+            {
+                "lines": [
+                    {
+                        "created_at": line.created_at.isoformat() if line.created_at else None,
+                        "run_id": line.run_id,
+                        "stage": line.stage,
+                        "target": line.target,
+                        "model_version": line.model_version,
+                        "device_hours": line.device_hours,
+                        "cost": line.cost,
+                        "currency": line.currency,
+                    }
+                    for line in lines
+                ],
+                "totals": totals,
+            }
+        )
+        return
     table = Table(title="cost ledger")
     for col in ("when", "run", "stage", "target", "model version", "device-hours", "cost"):
         table.add_column(col, justify="right")
-    totals: dict[str, float] = {}
     for line in lines:
         table.add_row(
             line.created_at.strftime("%Y-%m-%d %H:%M") if line.created_at else "",
-            line.run_id[:8],
-            line.stage,
-            line.target,
-            line.model_version or "-",
+            escape(line.run_id[:8]),
+            escape(line.stage),
+            escape(line.target),
+            escape(line.model_version or "-"),
             f"{line.device_hours:.4f}",
-            f"{line.cost:.3f} {line.currency}",
+            escape(f"{line.cost:.3f} {line.currency}"),
         )
-        totals[line.currency] = totals.get(line.currency, 0.0) + line.cost
     console.print(table)
     for currency, total in totals.items():
-        console.print(f"total: {total:.3f} {currency}")
+        console.print(escape(f"total: {total:.3f} {currency}"))

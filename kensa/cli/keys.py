@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kensa.cli.common import EXIT_INVALID, console, err_console, get_settings
+from kensa.cli.common import JsonOpt, Role, console, err_console, fail, get_settings, print_json
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from sqlalchemy.orm import Session
 
 app = typer.Typer(
@@ -32,8 +34,8 @@ def _session() -> Session:
 
 @app.command()
 def create(
-    role: str = typer.Option(..., "--role", help="line | operator | data-scientist | auditor | admin"),
-    name: str = typer.Option(..., "--name", help="Who or what uses the key (e.g. 'line-3 PLC')."),
+    role: Annotated[Role, typer.Option("--role", help="line | operator | data-scientist | auditor | admin")],
+    name: Annotated[str, typer.Option("--name", help="Who or what uses the key (e.g. 'line-3 PLC').")],
 ) -> None:
     """Make a key and print it once; only its hash is stored."""
     from kensa.store.audit import append_event
@@ -41,10 +43,9 @@ def create(
 
     with _session() as session:
         try:
-            plaintext, row = create_key(session, name, role)
+            plaintext, row = create_key(session, name, role.value)
         except ValueError as exc:
-            err_console.print(f"[red]{escape(str(exc))}[/red]")
-            raise typer.Exit(EXIT_INVALID) from exc
+            raise fail(str(exc)) from exc
         append_event(
             session,
             actor=CLI_ACTOR,
@@ -61,7 +62,7 @@ def create(
 
 
 @app.command()
-def revoke(key_id: int = typer.Argument(..., help="The key's id (see `kensa keys list`).")) -> None:
+def revoke(key_id: Annotated[int, typer.Argument(help="The key's id (see `kensa keys list`).")]) -> None:
     """Revoke a key for good (the service notices within seconds)."""
     from kensa.store.audit import append_event
     from kensa.store.keys import UnknownKeyError, revoke_key
@@ -70,8 +71,7 @@ def revoke(key_id: int = typer.Argument(..., help="The key's id (see `kensa keys
         try:
             row = revoke_key(session, key_id)
         except UnknownKeyError as exc:
-            err_console.print(f"[red]{escape(str(exc))}[/red]")
-            raise typer.Exit(EXIT_INVALID) from exc
+            raise fail(str(exc)) from exc
         append_event(
             session,
             actor=CLI_ACTOR,
@@ -83,8 +83,12 @@ def revoke(key_id: int = typer.Argument(..., help="The key's id (see `kensa keys
         console.print(f"key {row.id} ({escape(row.name)}) revoked at {row.revoked_at:%Y-%m-%d %H:%M:%S} UTC")
 
 
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
 @app.command("list")
-def list_keys() -> None:
+def list_keys(as_json: JsonOpt = False) -> None:
     """List keys: id, prefix, role, name, created, last used, revoked (never the key)."""
     from sqlalchemy import select
 
@@ -92,6 +96,22 @@ def list_keys() -> None:
 
     with _session() as session:
         rows = session.scalars(select(ApiKey).order_by(ApiKey.id)).all()
+    if as_json:
+        print_json(
+            [
+                {
+                    "id": row.id,
+                    "prefix": row.prefix,
+                    "role": row.role,
+                    "name": row.name,
+                    "created_at": _iso(row.created_at),
+                    "last_used_at": _iso(row.last_used_at),
+                    "revoked_at": _iso(row.revoked_at),
+                }
+                for row in rows
+            ]
+        )
+        return
     table = Table("id", "prefix", "role", "name", "created", "last used", "revoked")
 
     def when(value: object) -> str:
@@ -100,7 +120,7 @@ def list_keys() -> None:
     for row in rows:
         table.add_row(
             str(row.id),
-            row.prefix,
+            escape(row.prefix),
             row.role,
             escape(row.name),
             when(row.created_at),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from kensa.cli import audit, data, db, demo, deploy, flows, keys, line, modeling, serve
@@ -15,6 +17,28 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from kensa import __version__
+
+        typer.echo(f"kensa {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print kensa's version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Visual quality control: pilot, KPI gate, scale sweep, approval, serving, monitoring."""
+
+
 app.add_typer(line.app, name="line")
 app.add_typer(data.app, name="data")
 app.add_typer(db.app, name="db")

@@ -3,32 +3,36 @@
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from kensa.cli.common import EXIT_INVALID, console, err_console
+from kensa.cli.common import ExitCode, console, fail
 
 
-def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(EXIT_INVALID)
+class Device(StrEnum):
+    """Where training runs (``TrainConfig.device``); under torchrun each rank takes its own GPU."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
 
 
 def train_cmd(
-    data: Path = typer.Option(..., "--data", help="Ingested dataset folder."),
-    model: str = typer.Option("mobilenet_v3_small", "--model", help="Zoo model name."),
-    epochs: int = typer.Option(5, "--epochs", min=1),
-    out: Path = typer.Option(..., "--out", help="Run directory to write."),
-    fraction: float = typer.Option(1.0, "--fraction", help="Share of the training split."),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    lr: float = typer.Option(2e-3, "--lr"),
-    weights: Path | None = typer.Option(None, "--weights", help="Local pretrained weights file."),
-    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Wall-clock budget."),
+    data: Annotated[Path, typer.Option("--data", help="Ingested dataset folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
+    model: Annotated[str, typer.Option("--model", help="Zoo model name.")] = "mobilenet_v3_small",
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 5,
+    fraction: Annotated[float, typer.Option("--fraction", help="Share of the training split.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[Device, typer.Option("--device", help="cpu or cuda.")] = Device.CPU,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    lr: Annotated[float, typer.Option("--lr")] = 2e-3,
+    weights: Annotated[Path | None, typer.Option("--weights", help="Local pretrained weights file.")] = None,
+    max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="Wall-clock budget.")] = None,
 ) -> None:
     """Train a zoo model on an ingested dataset; writes RUN_DIR/checkpoint.pt."""
     from kensa.models.data.ingest import DatasetError
@@ -42,29 +46,29 @@ def train_cmd(
         lr=lr,
         fraction=fraction,
         seed=seed,
-        device=device,
+        device=device.value,
         weights=str(weights) if weights else None,
         max_minutes=max_minutes,
     )
     try:
         result = train(data, config, out)
     except (UnknownModelError, ValueError, FileNotFoundError, DatasetError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 alone reports (and alone wrote the checkpoint)
-    table = Table(title=f"trained {result.model} ({result.parameters / 1e6:.2f}M parameters)")
-    for col in ("epochs", "best epoch", "calib loss", "calib acc", "img/s", "seconds"):
+    table = Table(title=escape(f"trained {result.model} ({result.parameters / 1e6:.2f}M parameters)"))
+    for col in ("epochs", "best epoch", "val loss", "val acc", "img/s", "seconds"):
         table.add_column(col, justify="right")
     table.add_row(
         str(result.epochs_run),
         str(result.best_epoch),
-        f"{result.best_calibration_loss:.4f}",
-        f"{result.calibration_accuracy:.3f}",
+        f"{result.best_validation_loss:.4f}",
+        f"{result.validation_accuracy:.3f}",
         f"{result.images_per_second:.0f}",
         f"{result.train_seconds:.1f}",
     )
     console.print(table)
-    console.print(f"checkpoint: {result.checkpoint}")
+    console.print(f"checkpoint: {escape(str(result.checkpoint))}")
 
 
 def print_qc_table(metrics: dict[str, Any], title: str = "QC on the test split") -> None:
@@ -86,7 +90,9 @@ def print_qc_table(metrics: dict[str, Any], title: str = "QC on the test split")
     recall.add_column("caught", justify="right")
     for c, r in metrics["per_class_recall"].items():
         caught = metrics["defect_catch_rate"].get(c)
-        recall.add_row(c, "-" if r is None else f"{r:.3f}", "-" if caught is None else f"{caught:.3f}")
+        recall.add_row(
+            escape(c), "-" if r is None else f"{r:.3f}", "-" if caught is None else f"{caught:.3f}"
+        )
     console.print(recall)
 
 
@@ -94,7 +100,7 @@ def print_band(band: dict[str, Any]) -> None:
     colour = "green" if band["guaranteed"] else "yellow"
     console.print(
         f"[bold]review band[/bold]: ok if score ≤ {band['t_ok']:.4f}, defect if ≥ "
-        f"{band['t_defect']:.4f}  [{colour}]{band['message']}[/{colour}]"
+        f"{band['t_defect']:.4f}  [{colour}]{escape(band['message'])}[/{colour}]"
     )
 
 
@@ -115,7 +121,7 @@ def print_robustness(rob: dict[str, Any]) -> None:
         vals = list(sev.values())
         rce = rob["relative_ce"].get(name)
         table.add_row(
-            name,
+            escape(name),
             f"{sum(v['error'] for v in vals) / len(vals):.3f}",
             f"{sum(v['escape_rate'] for v in vals) / len(vals):.3f}",
             f"{sum(v['false_reject_rate'] for v in vals) / len(vals):.3f}",
@@ -126,15 +132,15 @@ def print_robustness(rob: dict[str, Any]) -> None:
 
 
 def evaluate_cmd(
-    run_dir: Path = typer.Argument(..., help="Run directory written by `kensa train`."),
-    data: Path | None = typer.Option(None, "--data", help="Dataset; default: the one trained on."),
-    corruptions: bool = typer.Option(False, "--corruptions", help="Add the robustness suite."),
-    reference: Path | None = typer.Option(
-        None, "--reference", help="Run dir of the reference model for relative CE."
-    ),
-    alpha: float = typer.Option(0.02, "--alpha", help="Max escape rate the band guarantees."),
-    delta: float = typer.Option(0.1, "--delta", help="1 − confidence of the guarantee."),
-    max_false_reject: float = typer.Option(0.05, "--max-false-reject"),
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `kensa train`.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Dataset; default: the one trained on.")] = None,
+    corruptions: Annotated[bool, typer.Option("--corruptions", help="Add the robustness suite.")] = False,
+    reference: Annotated[
+        Path | None, typer.Option("--reference", help="Run dir of the reference model for relative CE.")
+    ] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="Max escape rate the band guarantees.")] = 0.02,
+    delta: Annotated[float, typer.Option("--delta", help="1 − confidence of the guarantee.")] = 0.1,
+    max_false_reject: Annotated[float, typer.Option("--max-false-reject")] = 0.05,
 ) -> None:
     """Evaluate a run like a QC lead: band, escapes, false rejects, slices, robustness, plots."""
     from kensa.models.data.ingest import DatasetError
@@ -145,19 +151,19 @@ def evaluate_cmd(
             run_dir, data, corruptions, BandPolicy(alpha, delta, max_false_reject), reference
         )
     except (ValueError, FileNotFoundError, DatasetError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     print_band(metrics["band"])
     print_qc_table(metrics)
     if "robustness" in metrics:
         print_robustness(metrics["robustness"])
-    console.print(f"metrics: {run_dir / 'metrics.json'}  plots: {run_dir / 'plots'}")
+    console.print(escape(f"metrics: {run_dir / 'metrics.json'}  plots: {run_dir / 'plots'}"))
 
 
 def export_cmd(
-    run_dir: Path = typer.Argument(..., help="Evaluated run directory."),
-    out: Path = typer.Option(..., "--out", help="ONNX file to write."),
-    fp16: bool = typer.Option(False, "--fp16", help="Also write a gated FP16 variant."),
-    int8: bool = typer.Option(False, "--int8", help="Also write a gated INT8 variant."),
+    run_dir: Annotated[Path, typer.Argument(help="Evaluated run directory.")],
+    out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")],
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write a gated FP16 variant.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write a gated INT8 variant.")] = False,
 ) -> None:
     """Export to ONNX with metadata and a parity check against PyTorch."""
     from kensa.models.onnx.export import ParityError, export_run
@@ -165,15 +171,15 @@ def export_cmd(
     try:
         result = export_run(run_dir, out, fp16=fp16, int8=int8)
     except ParityError as exc:
-        err_console.print(f"[red]parity check failed:[/red] {exc}")
-        raise typer.Exit(1) from None
+        # The export ran and its parity gate said no: nothing is written (exit 3, like a KPI gate).
+        raise fail(f"parity check failed: {exc}", ExitCode.GATE) from None
     except (ValueError, FileNotFoundError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     print_parity(result.parity)
     for name, v in result.variants.items():
-        state = "[green]kept[/green]" if v["kept"] else f"[yellow]dropped[/yellow] ({v['reason']})"
-        console.print(f"{name}: verdict agreement {v['verdict_agreement']:.2%}, {state}")
-    console.print(f"model: {result.path}  sha256 {result.sha256[:16]}…")
+        state = "[green]kept[/green]" if v["kept"] else f"[yellow]dropped[/yellow] ({escape(v['reason'])})"
+        console.print(f"{escape(name)}: verdict agreement {v['verdict_agreement']:.2%}, {state}")
+    console.print(f"model: {escape(str(result.path))}  sha256 {result.sha256[:16]}…")
 
 
 def print_parity(parity: dict[str, Any]) -> None:

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated
 from uuid import UUID
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kensa.cli.common import console, err_console, get_settings
+from kensa.cli.common import ExitCode, console, fail, get_settings
 from kensa.settings import Settings
 
 
 def retrain_cmd(
-    alert: int | None = typer.Option(None, "--alert", help="The alert this retraining answers."),
-    reason: str = typer.Option("operator request", "--reason", help="Why (kept on the run)."),
+    alert: Annotated[int | None, typer.Option("--alert", help="The alert this retraining answers.")] = None,
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept on the run).")] = "operator request",
 ) -> None:
     """Retrain on the champion's data plus the review queue's labels; register a candidate.
 
@@ -36,14 +37,15 @@ def retrain_cmd(
     state = run.state
     if state is not None and not state.is_final():
         console.print(
-            f"retraining scheduled on the Prefect server: flow run {flow_run_id} "
-            f"({state.type.value.lower()}); a worker on pool {run.work_pool_name} runs it"
+            escape(
+                f"retraining scheduled on the Prefect server: flow run {flow_run_id} "
+                f"({state.type.value.lower()}); a worker on pool {run.work_pool_name} runs it"
+            )
         )
         return
     if state is None or not state.is_completed():
         message = state.message if state is not None else "no state"
-        err_console.print(f"[red]retraining failed[/red] (flow run {flow_run_id}): {escape(message or '')}")
-        raise typer.Exit(1)
+        raise fail(f"retraining failed (flow run {flow_run_id}): {message or ''}", ExitCode.FAILURE)
     _print_candidate(settings, flow_run_id)
 
 
@@ -63,8 +65,10 @@ def _print_candidate(settings: Settings, flow_run_id: str) -> None:
     mv = found[0]
     comparison = json.loads(mv.tags.get(TAG_COMPARISON, "{}"))
     table = Table(
-        title=f"candidate {name} version {mv.version} vs champion "
-        f"{mv.tags.get(TAG_PREFIX + 'champion_version')}"
+        title=escape(
+            f"candidate {name} version {mv.version} vs champion "
+            f"{mv.tags.get(TAG_PREFIX + 'champion_version')}"
+        )
     )
     for col in ("parts", "model", "escape", "false reject", "automation", "accuracy"):
         table.add_column(col, justify="right" if col != "parts" else "left")
@@ -72,7 +76,7 @@ def _print_candidate(settings: Settings, flow_run_id: str) -> None:
         for model in ("champion", "candidate"):
             m = entry.get(model, {})
             table.add_row(
-                f"{set_name} ({entry.get('n', 0)})",
+                escape(f"{set_name} ({entry.get('n', 0)})"),
                 model,
                 *(
                     f"{m.get(k, 0):.1%}"

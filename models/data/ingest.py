@@ -9,7 +9,7 @@ import os
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
@@ -239,10 +239,13 @@ def ingest_dataset(
         what = "is not a folder" if root.exists() else "does not exist"
         raise DatasetError([Problem("missing", f"dataset folder {what}", str(root))])
     rules = DatasetSettings.from_settings(settings)
-    classes = rules.classes
     entries, problems, folders, source = _discover(root, manifest)
     if any(p.code in ("missing_column", "bad_manifest") for p in problems):
         raise DatasetError(problems)  # no rows to check without the required columns
+    if "classes" not in settings.model_fields_set:
+        # Not told which labels to accept (no KENSA_CLASSES, no --classes): the data says.
+        rules = replace(rules, classes=classes_found((e.label for e in entries), rules.classes))
+    classes = rules.classes
 
     checked: list[tuple[Entry, ImageInfo]] = []
     for done, entry in enumerate(entries, start=1):
@@ -306,6 +309,15 @@ def ingest_dataset(
     if write:
         write_dataset(dataset)
     return dataset
+
+
+def classes_found(labels: Iterable[str], defaults: Sequence[str]) -> tuple[str, ...]:
+    """The classes of a folder nobody described: ``ok`` first, then the default classes that occur
+    (in their usual order, so the synthetic line keeps its class indices), then new labels sorted.
+    """
+    found = set(labels)
+    known = [c for c in defaults if c in found and c != "ok"]
+    return ("ok", *known, *sorted(found - set(known) - {"ok"}))
 
 
 def write_dataset(dataset: DatasetVersion) -> Path:

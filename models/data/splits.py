@@ -155,3 +155,36 @@ def check_split_coverage(
                 )
             )
     return problems
+
+
+def carve_validation(items: Sequence[SplitItem], fraction: float, seed: int) -> list[bool]:
+    """Which items of a training split become its validation part (same order as ``items``).
+
+    Grouped like the splits (a part and its duplicates stay together) and stratified by label,
+    with every label that has two or more groups represented, so the epoch a run keeps is chosen
+    on data that neither trained it nor calibrates its review band.
+    """
+    order = sorted(range(len(items)), key=lambda i: items[i].key)
+    ordered = [items[i] for i in order]
+    by_label: dict[str, list[_Group]] = defaultdict(list)
+    for g in _groups(ordered):
+        by_label[g.label].append(g)
+    chosen = [False] * len(ordered)
+    for label in sorted(by_label):
+        groups = by_label[label]
+        if len(groups) < 2:
+            continue  # its only part must stay in training
+        rng = random.Random(f"{seed}:validation:{label}")
+        rng.shuffle(groups)
+        target = fraction * sum(len(g.members) for g in groups)
+        taken = 0
+        for g in groups[:-1]:  # never all of a label's groups
+            if taken and taken + len(g.members) / 2 > target:
+                break
+            for i in g.members:
+                chosen[i] = True
+            taken += len(g.members)
+    result = [False] * len(items)
+    for pos, original in enumerate(order):
+        result[original] = chosen[pos]
+    return result

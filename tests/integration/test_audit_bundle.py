@@ -213,14 +213,14 @@ def test_changed_metric_is_caught(exported: Exported, tmp_path: Path) -> None:
 
     tampered = _tampered(exported, tmp_path, better_escape_rate, reseal=False)
     code, output = _cli("audit", "verify", str(tampered))
-    assert code == 1 and _rows(output)["files (MANIFEST.sha256)"] == "FAIL"
+    assert code == 3 and _rows(output)["files (MANIFEST.sha256)"] == "FAIL"
     assert "changed: evaluation/metrics.json" in output
     # Re-sealing the manifest does not help: the figure no longer matches the audited registration.
     (tmp_path / "x").rename(tmp_path / "first")
     resealed = _tampered(exported, tmp_path, better_escape_rate, reseal=True)
     code, output = _cli("audit", "verify", str(resealed))
     rows = _rows(output)
-    assert code == 1 and rows["files (MANIFEST.sha256)"] == "pass"
+    assert code == 3 and rows["files (MANIFEST.sha256)"] == "pass"
     assert rows["metrics vs registration"] == "FAIL" and rows["model card"] == "FAIL"
     assert "escape_rate = 0.001" in output
 
@@ -238,7 +238,7 @@ def test_swapped_onnx_is_caught(exported: Exported, tmp_path: Path) -> None:
 
     code, output = _cli("audit", "verify", str(_tampered(exported, tmp_path, swap_model, reseal=True)))
     rows = _rows(output)
-    assert code == 1
+    assert code == 3
     assert rows["ONNX sha256"] == "FAIL" and rows["parity (ONNX Runtime)"] == "FAIL"
     assert "registry tag kensa.onnx_sha256" in output and "max |Δp|" in output
 
@@ -251,7 +251,7 @@ def test_removed_approval_is_caught(exported: Exported, tmp_path: Path) -> None:
 
     code, output = _cli("audit", "verify", str(_tampered(exported, tmp_path, drop_approval, reseal=True)))
     rows = _rows(output)
-    assert code == 1 and rows["approvals"] == "FAIL" and rows["audit chain"] == "FAIL"
+    assert code == 3 and rows["approvals"] == "FAIL" and rows["audit chain"] == "FAIL"
     assert "no model.approve event" in output and "missing from audit/events.jsonl" in output
 
 
@@ -265,7 +265,7 @@ def test_garbage_in_the_event_log_fails_the_checks_without_a_traceback(
 
     code, output = _cli("audit", "verify", str(_tampered(exported, tmp_path, garble, reseal=False)))
     rows = _rows(output)
-    assert code == 1 and "Traceback" not in output
+    assert code == 3 and "Traceback" not in output
     assert rows["audit chain"] == "FAIL" and rows["files (MANIFEST.sha256)"] == "FAIL"
     assert "is not JSON" in output
 
@@ -298,7 +298,7 @@ def test_a_consistently_forged_bundle_passes_offline_but_not_against_the_store(
     code, output = _cli("audit", "verify", str(forged))
     assert code == 0, output
     code, output = _cli("audit", "verify", str(forged), "--live")
-    assert code == 1 and _rows(output)["live audit trail"] == "FAIL"
+    assert code == 3 and _rows(output)["live audit trail"] == "FAIL"
     assert "leaves out" in output and "(model.approve)" in output
 
 

@@ -267,7 +267,8 @@ def test_cli_ingest_prints_version_and_card(tmp_path: Path, cli: Callable[..., R
 
 def test_cli_classes_option(tmp_path: Path, cli: Callable[..., Result]) -> None:
     root = make_imagefolder(tmp_path / "ds", {"ok": 5, "defect_burr": 5})
-    assert cli(str(root)).exit_code == 2
+    told = cli(str(root), "--classes", "ok,defect_scratch")  # told, so the folder's label is unknown
+    assert told.exit_code == 2 and "'defect_burr' is not a configured class" in told.stderr
     result = cli(str(root), "--classes", "ok,defect_burr")
     assert result.exit_code == 0, result.output
     assert load_dataset(root).classes == ("ok", "defect_burr")
@@ -357,19 +358,33 @@ BROKEN: dict[str, Callable[[Path], list[str]]] = {
 }
 
 
+# Cases that need the accepted labels spelled out (by default the folder names are the classes).
+TOLD: dict[str, list[str]] = {"unknown label folder": ["--classes", "ok,defect_scratch,defect_dent"]}
+
+
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_cli_rejects_broken_data_and_writes_nothing(
     case: str, tmp_path: Path, cli: Callable[..., Result]
 ) -> None:
     root = tmp_path / "ds"
     expected = BROKEN[case](root)
-    result = cli(str(root))
+    result = cli(str(root), *TOLD.get(case, []))
     assert result.exit_code == 2, result.output
     report = result.stderr
     assert report.startswith("dataset is invalid")
     for text in expected:
         assert text in report, f"{text!r} not in report:\n{report}"
     assert not list(root.glob(".kensa-dataset*")), "something was written for invalid data"
+
+
+def test_a_folder_of_classes_the_settings_do_not_list_ingests(
+    tmp_path: Path, cli: Callable[..., Result]
+) -> None:
+    root = make_imagefolder(tmp_path / "ds", {"ok": 6, "defect_wobble": 6, "defect_scratch": 6, "bent": 6})
+    result = cli(str(root))
+    assert result.exit_code == 0, result.output
+    # ok first, a class the synthetic line knows next, then the new ones in name order.
+    assert load_dataset(root).classes == ("ok", "defect_scratch", "bent", "defect_wobble")
 
 
 def test_report_collects_every_problem_at_once(tmp_path: Path, cli: Callable[..., Result]) -> None:

@@ -103,7 +103,7 @@ def test_an_unreachable_service_is_named_not_retried_part_by_part() -> None:
     result = CliRunner().invoke(
         app, ["line", "stream", "--url", "http://127.0.0.1:9", "--key", "k", "--n", "5"]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 4  # ExitCode.UNAVAILABLE: try again later, unlike bad input (2)
     assert "cannot reach the service at http://127.0.0.1:9" in " ".join(result.output.split())
 
 
