@@ -29,7 +29,7 @@ def test_same_seed_same_metrics(tiny_line: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(model="mobilenet_v3_small", epochs=1, seed=3, fraction=0.5)
     a = train(tiny_line, cfg, tmp_path / "a", show_progress=False)
     b = train(tiny_line, cfg, tmp_path / "b", show_progress=False)
-    assert a.best_calibration_loss == b.best_calibration_loss
+    assert a.best_validation_loss == b.best_validation_loss
     assert a.history == b.history
     sa = load_checkpoint(tmp_path / "a").model.state_dict()
     sb = load_checkpoint(tmp_path / "b").model.state_dict()
@@ -51,7 +51,7 @@ def test_checkpoint_describes_itself(trained_run: Path, tiny_line: Path) -> None
     assert loaded.input_size == 64
     assert loaded.dataset_version == dataset["version"]
     assert loaded.config["epochs"] == 3 and loaded.config["seed"] == 0
-    assert "best_calibration_loss" in loaded.metrics
+    assert "best_validation_loss" in loaded.metrics
 
 
 def test_evaluate_writes_the_qc_figures(trained_run: Path) -> None:
@@ -198,3 +198,23 @@ def test_cli_refuses_unknown_model_with_the_list(tiny_line: Path, tmp_path: Path
     assert r.exit_code == 2
     assert "resnet18" in r.output and "gpt5" in r.output
     assert not (tmp_path / "r").exists()
+
+
+def test_validation_is_carved_from_training_by_part_and_never_touches_calibration() -> None:
+    from kensa.models.data.splits import SplitItem, carve_validation
+
+    # 40 parts of two images each, two labels; a part's images must stay together.
+    items = [
+        SplitItem(f"p{p:02d}_{k}.png", "ok" if p % 4 else "defect_dent", f"sha{p}_{k}", part_id=f"p{p:02d}")
+        for p in range(40)
+        for k in range(2)
+    ]
+    held = carve_validation(items, 0.2, seed=0)
+    assert held == carve_validation(list(reversed(items)), 0.2, seed=0)[::-1]  # order-free
+    by_part: dict[str, set[bool]] = {}
+    for item, h in zip(items, held, strict=True):
+        by_part.setdefault(item.part_id or "", set()).add(h)
+    assert all(len(v) == 1 for v in by_part.values())  # no part split across
+    assert {i.label for i, h in zip(items, held, strict=True) if h} == {"ok", "defect_dent"}
+    assert 0.1 <= sum(held) / len(items) <= 0.3
+    assert not all(held) and held != carve_validation(items, 0.2, seed=1)
