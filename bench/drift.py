@@ -227,14 +227,12 @@ def summarise(result: dict[str, Any], reps: int) -> list[dict[str, Any]]:
 
 
 def plot(rows: list[dict[str, Any]], result: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a Figure of its own: no pyplot, no backend chosen
 
     dets = ["kensa", "evidently (either)"]
     keys = [(r["shift"], r["severity"]) for r in rows if r["detector"] == "kensa"]
-    fig, ax = plt.subplots(figsize=(11, 4.8))
+    fig = Figure(figsize=(11, 4.8))
+    ax = fig.subplots()
     width = 0.38
     for j, det in enumerate(dets):
         vals = []
@@ -256,7 +254,6 @@ def plot(rows: list[dict[str, Any]], result: dict[str, Any], path: Path) -> Path
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

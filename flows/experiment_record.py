@@ -274,12 +274,14 @@ def gate_and_record(
             version = _register(a, ctx, name=name, registered_by=registered_by, source=source, serve=serve)
             mlflow.set_tag("kensa.model_version", version)
     log.info(
-        "event=experiment_gated name=%s source=%s run_id=%s passed=%s model_version=%s",
-        name,
-        source,
-        run_id,
-        gate.passed,
-        version,
+        "experiment_gated",
+        extra={
+            "run_name": name,
+            "source": source,
+            "run_id": run_id,
+            "passed": gate.passed,
+            "model_version": version,
+        },
     )
     return _result(
         a, gate, ctx, run_id, version, latency_ms_per_image=latency, serving_cost_per_million=serve

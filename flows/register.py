@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import onnx
 from kensa.governance.approvals import (  # re-exported: flows call them from here
     TAG_PREVIOUS_CHAMPION,
@@ -23,7 +24,9 @@ from kensa.governance.approvals import (  # re-exported: flows call them from he
 )
 from kensa.models.onnx.export import read_metadata, sha256_file, working_providers
 from kensa.monitoring.reference import REFERENCE_ARTIFACT_DIR, REFERENCE_FILE, TAG_REFERENCE
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Schema, TensorSpec
 
 from kensa import __version__
 from kensa.registry import (
@@ -74,9 +77,11 @@ def register_candidate(
     version's ``kensa.reference`` tag; a model registered without one is registered unmonitored.
     """
     meta = read_metadata(onnx_path)
+    proto = onnx.load(str(onnx_path))
     info = mlflow.onnx.log_model(
-        onnx.load(str(onnx_path)),
+        proto,
         name=MODEL_ARTIFACT,
+        signature=onnx_signature(proto),
         registered_model_name=name,
         save_as_external_data=False,
         onnx_execution_providers=working_providers(),
@@ -117,6 +122,25 @@ def register_candidate(
     return Registered(name, version, digest)
 
 
+def onnx_signature(proto: onnx.ModelProto) -> ModelSignature:
+    """The MLflow signature of a kensa ONNX model, read from its graph (the artifact contract):
+    ``images`` uint8 (-1, H, W, 3) in; ``probs`` float32 (-1, C), ``features`` float32 (-1, K) and
+    any other output the graph declares out. A symbolic or unknown dimension (the batch) is -1.
+    """
+    weights = {t.name for t in proto.graph.initializer}  # old exporters list weights as inputs
+
+    def spec(value: onnx.ValueInfoProto) -> TensorSpec:
+        tensor = value.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        return TensorSpec(dtype, shape, value.name)
+
+    return ModelSignature(
+        inputs=Schema([spec(v) for v in proto.graph.input if v.name not in weights]),
+        outputs=Schema([spec(v) for v in proto.graph.output]),
+    )
+
+
 def _ort_version() -> str:
     import onnxruntime
 
@@ -136,7 +160,7 @@ def _build_reference(onnx_path: Path) -> Path | None:
         return build_reference(onnx_path, dataset_root).save(run_dir / REFERENCE_FILE)
     except (OSError, ValueError, KeyError) as exc:
         # Registration must not fail for want of a drift reference; the monitor says it is missing.
-        log.warning("event=reference_not_built onnx=%s error=%s", onnx_path, exc)
+        log.warning("reference_not_built", extra={"onnx": str(onnx_path), "error": str(exc)})
         return None
 
 
@@ -160,6 +184,7 @@ __all__ = [
     "ApprovalError",
     "Registered",
     "approve",
+    "onnx_signature",
     "register_candidate",
     "reject",
     "rollback",

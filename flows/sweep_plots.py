@@ -5,14 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from kensa.flows.choose import Trial  # noqa: E402
-from kensa.models.evaluation.scaling import PowerLaw  # noqa: E402
+import numpy as np
+from kensa.flows.choose import Trial
+from kensa.models.evaluation.scaling import PowerLaw
+from matplotlib.figure import Figure
 
 
 def _curve(ax: Any, fit: dict[str, Any], xs: list[float], colour: str, label: str) -> None:
@@ -33,7 +29,9 @@ def _curve(ax: Any, fit: dict[str, Any], xs: list[float], colour: str, label: st
 
 
 def plot_scaling(trials: list[Trial], fits: dict[str, Any], path: Path) -> Path:
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    # A Figure of its own, never pyplot: no global state, no backend chosen for the caller.
+    fig = Figure(figsize=(12, 4.5))
+    ax1, ax2 = fig.subplots(1, 2)
     top = max(t.fraction for t in trials)
     sized = [t for t in trials if t.fraction == top]
     xs = [float(t.parameters) for t in sized]
@@ -69,12 +67,12 @@ def plot_scaling(trials: list[Trial], fits: dict[str, Any], path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def plot_cost_frontier(trials: list[Trial], chosen: Trial | None, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for t in trials:
         colour = "green" if t.meets_kpi else "grey"
         ax.scatter(t.tco, t.corrupted_escape_rate, color=colour, s=40 + t.parameters / 3e5)
@@ -103,5 +101,4 @@ def plot_cost_frontier(trials: list[Trial], chosen: Trial | None, path: Path) ->
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -148,7 +148,9 @@ def open_alert(
         subject=f"alert:{alert.id}",
         details={"level": level, "kind": kind, "line_id": line_id, "camera_id": camera_id, "cause": cause},
     )
-    log.info("event=alert_open alert=%d level=%s kind=%s line=%s", alert.id, level, kind, line_id)
+    log.info(
+        "alert_open", extra={"alert_id": alert.id, "alert_level": level, "kind": kind, "line_id": line_id}
+    )
     return alert
 
 
@@ -304,7 +306,7 @@ def _transition(session: Session, alert_id: int, to: str, *, by: str, comment: s
         subject=f"alert:{alert_id}",
         details={"from": before, "to": to, "comment": comment},
     )
-    log.info("event=alert_transition alert=%d from=%s to=%s by=%s", alert_id, before, to, by)
+    log.info("alert_transition", extra={"alert_id": alert_id, "from": before, "to": to, "by": by})
     return alert
 
 
@@ -329,7 +331,7 @@ def _send_after_commit(session: Session, job: _Job) -> None:
 def _drop_pending(session: Session) -> None:
     dropped = session.info.pop(_PENDING_KEY, [])
     if dropped:
-        log.info("event=webhook_dropped reason=rollback alerts=%s", [j.alert.id for j in dropped])
+        log.info("webhook_dropped", extra={"reason": "rollback", "alert_ids": [j.alert.id for j in dropped]})
 
 
 def _deliver_pending(session: Session) -> None:
@@ -352,7 +354,7 @@ def _deliver_pending(session: Session) -> None:
         except SQLAlchemyError:
             # The commit the caller asked for succeeded; failing it now would mislead. The
             # delivery outcome is in the log, and a failed one is retried by the drift flow.
-            log.exception("event=webhook_record_failed alert=%d", job.alert.id)
+            log.exception("webhook_record_failed", extra={"alert_id": job.alert.id})
             continue
         # Show the outcome on the caller's object without marking it dirty.
         set_committed_value(job.alert, "details", details)

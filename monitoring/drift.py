@@ -146,7 +146,7 @@ def check_drift(
         reference = lookup(group.model_name, group.model_version)
         if reference is None:
             report.skipped = f"model {group.model_name} v{group.model_version} has no reference profile"
-            log.warning("event=drift_skipped group=%s reason=no_reference", group.label)
+            log.warning("drift_skipped", extra={"group": group.label, "reason": "no_reference"})
             continue
         with sessions() as session:
             _check_group(session, settings, options, group, reference, store, report, outcome, now)
@@ -178,7 +178,7 @@ def _check_group(
             max_windows=options.max_windows,
         )
         if skipped:
-            log.warning("event=drift_backlog group=%s skipped_parts=%d", group.label, skipped)
+            log.warning("drift_backlog", extra={"group": group.label, "skipped_parts": skipped})
     else:
         windows = time_windows(
             session,
@@ -344,7 +344,13 @@ def _raise_drift(
         outcome.critical_drift.append(alert.id)
         outcome.review_items += _queue_for_review(session, worst.window, alert.id, options, alert.details)
     log.info(
-        "event=drift_alert alert=%d level=%s group=%s score=%.2f", alert.id, level, group.label, score.score
+        "drift_alert",
+        extra={
+            "alert_id": alert.id,
+            "alert_level": level,
+            "group": group.label,
+            "score": round(score.score, 4),
+        },
     )
 
 

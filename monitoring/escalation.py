@@ -159,13 +159,15 @@ def deliver(
                 break
             retryable = status_code is None or status_code >= 500 or status_code in _RETRYABLE_STATUS
             log.warning(
-                "event=webhook_attempt_failed delivery=%s target=%s attempt=%d status=%s error=%s retry=%s",
-                outcome.delivery_id,
-                outcome.target,
-                number,
-                status_code,
-                error,
-                retryable and number < attempts,
+                "webhook_attempt_failed",
+                extra={
+                    "delivery_id": outcome.delivery_id,
+                    "target": outcome.target,
+                    "attempt": number,
+                    "status": status_code,
+                    "error": error,
+                    "retry": retryable and number < attempts,
+                },
             )
             if not retryable:
                 break
@@ -175,10 +177,12 @@ def deliver(
         if own_client:
             http.close()
     log.info(
-        "event=webhook_delivery delivery=%s target=%s status=%s attempts=%d",
-        outcome.delivery_id,
-        outcome.target,
-        outcome.status,
-        len(outcome.attempts),
+        "webhook_delivery",
+        extra={
+            "delivery_id": outcome.delivery_id,
+            "target": outcome.target,
+            "status": outcome.status,
+            "attempts": len(outcome.attempts),
+        },
     )
     return outcome

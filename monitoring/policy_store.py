@@ -49,7 +49,7 @@ class PolicyStore:
             try:
                 policy = load_policy(path)
             except (OSError, ValueError, KeyError) as exc:
-                log.warning("event=policy_cache_unreadable path=%s error=%s", path, exc)
+                log.warning("policy_cache_unreadable", extra={"path": str(path), "error": str(exc)})
         if policy is None:
             table, _ = reference.for_camera(camera)
             policy = calibrate(
@@ -62,10 +62,12 @@ class PolicyStore:
             )
             save_policy(policy, path)
             log.info(
-                "event=policy_calibrated key=%s warning=%.3f critical=%.3f",
-                key,
-                policy.warning,
-                policy.critical,
+                "policy_calibrated",
+                extra={
+                    "policy": key,
+                    "warning": round(policy.warning, 4),
+                    "critical": round(policy.critical, 4),
+                },
             )
         self._policies[key] = policy
         return policy

@@ -201,7 +201,9 @@ def build_reference(onnx_path: Path, dataset_root: Path, *, split: str = "calibr
     )
     profile.split = split
     profile.dataset_version = ds.version
-    log.info("event=reference_built parts=%d split=%s model=%s", len(records), split, profile.model_name)
+    log.info(
+        "reference_built", extra={"parts": len(records), "split": split, "model_name": profile.model_name}
+    )
     return profile
 
 
@@ -219,7 +221,8 @@ def fetch_reference(settings: Settings, model_name: str, model_version: str) -> 
         mv = MlflowClient(uri, uri).get_model_version(model_name, model_version)
     except MlflowException as exc:
         log.warning(
-            "event=reference_lookup_failed model=%s version=%s error=%s", model_name, model_version, exc
+            "reference_lookup_failed",
+            extra={"model_name": model_name, "model_version": model_version, "error": str(exc)},
         )
         return None
     artifact = (mv.tags or {}).get(TAG_REFERENCE)

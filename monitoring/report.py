@@ -112,5 +112,5 @@ def write_report(
         tmp = path.with_suffix(".tmp.html")
         snapshot.save_html(str(tmp))
         tmp.replace(path)
-    log.info("event=drift_report path=%s rows=%d", path, len(window))
+    log.info("drift_report", extra={"path": str(path), "rows": len(window)})
     return path

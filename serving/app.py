@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,11 +30,48 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kensa import __version__
+from kensa.logs import REQUEST_ID_HEADER, bound, new_request_id
 from kensa.settings import Settings
 from kensa.store.engine import make_engine, make_session_factory
 from kensa.store.migrate import upgrade
 
 log = logging.getLogger("kensa.serving.app")
+
+# A caller's own X-Request-ID is logged beside ours (never used as a key) when it looks like an id.
+_CALLER_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_HEADER = REQUEST_ID_HEADER.encode()
+
+
+class RequestIdMiddleware:
+    """Gives every HTTP request an id: bound to its log lines (``kensa.logs.bound``), sent back as
+    ``X-Request-ID``, and used by the inspection service as the verdicts' ``request_id``.
+
+    The id is always ours (a caller could repeat theirs, and verdict ids are unique keys in the
+    prediction log); a caller's ``X-Request-ID`` rides along in the log lines as ``client_request_id``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = new_request_id()
+        fields = {"request_id": rid}
+        for name, value in scope.get("headers", ()):
+            if name == _HEADER and _CALLER_ID.fullmatch(value.decode("latin-1")):
+                fields["client_request_id"] = value.decode("latin-1")
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != _HEADER]
+                message = {**message, "headers": [*headers, (_HEADER, rid.encode())]}
+            await send(message)
+
+        with bound(**fields):
+            await self.app(scope, receive, send_with_id)
 
 
 class MetricsMiddleware:
@@ -99,8 +137,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # A bug, never bad input: log it with the trace, tell the caller nothing internal.
-        log.exception("event=unhandled_error path=%s", request.url.path)
+        # A bug, never bad input: log it with the trace, tell the caller nothing internal. This
+        # handler runs outside the request-id middleware, so the id comes from the request state.
+        log.exception(
+            "unhandled_error",
+            extra={"request_id": getattr(request.state, "request_id", None), "path": request.url.path},
+        )
         return _error_response(request, 500, "internal_error", "an internal error occurred; it was logged")
 
 
@@ -151,7 +193,7 @@ def create_app(
         if model_file is not None and first.status != "swapped":
             raise RuntimeError(f"cannot serve {model_file.name}: {first.reason or 'file not found'}")
         if first.serving is None:
-            log.warning("event=no_model_at_start status=%s reason=%r", first.status, first.reason)
+            log.warning("no_model_at_start", extra={"status": first.status, "reason": first.reason})
         service.start()
         watcher = asyncio.create_task(models.watch(settings.champion_poll_s), name="kensa-champion-watch")
         try:
@@ -183,8 +225,10 @@ def create_app(
     # The routes as declared (FastAPI wraps included ones), for matching a request to its policy.
     routes: list[BaseRoute] = [r for router in routers for r in router.routes]
     routes += [r for r in app.router.routes if isinstance(r, Route)]
-    # Added last = outermost: metrics see everything; auth runs before the body is read.
+    # Added last = outermost: every log line of a request has its id; metrics see everything;
+    # auth runs before the body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, routes=routes, app_routes=app.router.routes, keys=KeyCache(sessions))
     app.add_middleware(MetricsMiddleware, routes=routes, metrics=metrics_)
+    app.add_middleware(RequestIdMiddleware)
     return app

@@ -12,6 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 from kensa.serving.app import create_app
 
+from kensa.logs import configure_logging
 from kensa.settings import Settings
 
 log = logging.getLogger("kensa.serving.server")
@@ -37,25 +38,16 @@ class DrainingServer(uvicorn.Server):
         state = getattr(self._app.state, "kensa", None)
         if state is not None:
             state.draining = True
-        log.info("event=draining seconds=%.1f", self._drain_s)
+        log.info("draining", extra={"seconds": self._drain_s})
         timer = threading.Timer(self._drain_s, super().handle_exit, (sig, frame))
         timer.daemon = True
         timer.start()
 
 
-def configure_logging(level: str) -> None:
-    """One line per event, key=value; uvicorn's own loggers go through the same format."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
-    # Alembic narrates every start-up migration check; only its warnings matter here.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
 def serve(settings: Settings, *, model_file: Path | None = None, registry_name: str | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C; blocks."""
-    configure_logging(settings.log_level)
+    # One JSON object per line (kensa.logs), kensa's loggers and uvicorn's alike.
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings, model_file=model_file, registry_name=registry_name)
     config = uvicorn.Config(
         app,

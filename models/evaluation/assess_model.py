@@ -169,6 +169,9 @@ def _assess_torchscript(
             net,
             (torch.rand(2, 3, size, size),),
             str(source),
+            # Only the TorchScript exporter takes a ScriptModule: torch.export (the dynamo=True
+            # default since torch 2.9) refuses one ("Exporting a ScriptModule is not supported"),
+            # and it would also need onnxscript, which kensa does not install.
             dynamo=False,
             opset_version=OPSET,
             input_names=["input"],

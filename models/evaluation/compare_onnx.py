@@ -12,20 +12,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never a window
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from kensa.models.data.ingest import DatasetVersion  # noqa: E402
-from kensa.models.evaluation.evaluate_run import SEVERITIES, robustness_report  # noqa: E402
-from kensa.models.evaluation.qc import qc_metrics  # noqa: E402
-from kensa.models.evaluation.thresholds import BandResult  # noqa: E402
-from kensa.models.onnx.contract import read_metadata  # noqa: E402
-from kensa.models.onnx.export import cpu_session, run_onnx  # noqa: E402
-from kensa.models.train.trainer import split_tensors  # noqa: E402
+import numpy as np
+import torch
+from kensa.models.data.ingest import DatasetVersion
+from kensa.models.evaluation.evaluate_run import SEVERITIES, robustness_report
+from kensa.models.evaluation.qc import qc_metrics
+from kensa.models.evaluation.thresholds import BandResult
+from kensa.models.onnx.contract import read_metadata
+from kensa.models.onnx.export import cpu_session, run_onnx
+from kensa.models.train.trainer import split_tensors
+from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -159,7 +155,9 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path:
     """QC rates, escape per corruption, error vs severity, and speed/cost in one picture."""
     a, b = comparison.rows
     colours = ("#4c72b0", "#dd8452")
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    # A Figure of its own, never pyplot: no global state, no backend chosen for the caller.
+    fig = Figure(figsize=(12, 8.5))
+    axes = fig.subplots(2, 2)
     ax = axes[0, 0]
     names = ["escape", "false reject", "automation", "corrupted escape"]
     keys = ["escape_rate", "false_reject_rate", "automation_rate", "corrupted_escape_rate"]
@@ -217,5 +215,4 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -6,26 +6,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never a window
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _figure(figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    """A Figure of its own, never pyplot: files only, no global state, and the caller's
+    matplotlib backend stays what they chose (``savefig`` picks Agg for a PNG by itself)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
+
+
+def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path) -> Path:
     arr = np.asarray(cm, dtype=float)
     norm = arr / np.clip(arr.sum(1, keepdims=True), 1, None)
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.0 * len(classes) + 1.5))
+    fig, ax = _figure((1.2 * len(classes) + 2, 1.0 * len(classes) + 1.5))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     short = [c.removeprefix("defect_") for c in classes]
     ax.set_xticks(range(len(classes)), short, rotation=40, ha="right")
@@ -48,7 +51,7 @@ def plot_score_histograms(
     t_defect: float,
     path: Path,
 ) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _figure((7, 4))
     bins = np.linspace(0, 1, 41)
     for i, c in enumerate(classes):
         m = labels == i
@@ -65,7 +68,7 @@ def plot_score_histograms(
 
 
 def plot_escape_curve(curve: dict[str, list[float]], chosen: dict[str, float], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure((6, 4))
     ax.plot(curve["automation_rate"], curve["escape_rate"], marker=".", lw=1)
     ax.scatter(
         [chosen["automation_rate"]],
@@ -87,7 +90,7 @@ def plot_robustness_heatmap(robustness: dict[str, Any], metric: str, path: Path)
     names = list(per)
     severities = sorted({int(s) for n in names for s in per[n]})
     grid = np.array([[per[n][str(s)][metric] for s in severities] for n in names])
-    fig, ax = plt.subplots(figsize=(1.1 * len(severities) + 3, 0.45 * len(names) + 1.5))
+    fig, ax = _figure((1.1 * len(severities) + 3, 0.45 * len(names) + 1.5))
     im = ax.imshow(grid, cmap="Reds", aspect="auto", vmin=0, vmax=max(0.05, float(grid.max())))
     ax.set_xticks(range(len(severities)), [str(s) for s in severities])
     ax.set_yticks(range(len(names)), names)

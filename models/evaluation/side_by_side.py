@@ -107,14 +107,12 @@ def side_by_side_markdown(comparison: Mapping[str, Any]) -> str:
 
 def plot_side_by_side(comparison: Mapping[str, Any], path: Path) -> Path:
     """Grouped bars: each headline metric, each model, one panel per (non-empty) set."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a Figure of its own: no pyplot, no backend chosen
 
     sets = [(name, e) for name, e in comparison.items() if e["n"]]
     panels = max(len(sets), 1)
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.8), squeeze=False)
+    fig = Figure(figsize=(5.5 * panels, 3.8))
+    axes = fig.subplots(1, panels, squeeze=False)
     for ax, (name, entry) in zip(axes[0], sets, strict=False):
         models = list(entry["models"])
         x = np.arange(len(HEADLINE))
@@ -130,5 +128,4 @@ def plot_side_by_side(comparison: Mapping[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -20,17 +20,15 @@ def save_sample_sheets(
     out_dir: str | Path, seed: int = 0, image_size: int = 128, per_class: int = 6
 ) -> tuple[Path, Path]:
     """Save ``samples_by_class.png`` and ``samples_by_condition.png`` into ``out_dir``."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never open a window
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a Figure of its own: no pyplot, no backend chosen
 
     _check_size(image_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = LineConditions()
 
-    fig, axes = plt.subplots(len(CLASSES), per_class, figsize=(1.6 * per_class, 1.75 * len(CLASSES)))
+    fig = Figure(figsize=(1.6 * per_class, 1.75 * len(CLASSES)))
+    axes = fig.subplots(len(CLASSES), per_class, squeeze=False)
     for r, cls in enumerate(CLASSES):
         for c in range(per_class):  # columns cycle through variants and cameras
             shown = base.with_overrides({"variant": VARIANTS[c % 3], "camera": CAMERAS[c // 3 % 2]})
@@ -47,7 +45,6 @@ def save_sample_sheets(
     fig.tight_layout()
     by_class = out / "samples_by_class.png"
     fig.savefig(by_class, dpi=110)
-    plt.close(fig)
 
     # One part, good and with a clear crack, swept through every condition (no jitter).
     still = base.with_overrides({"jitter": 0.0, "variant": "A", "camera": "C1"})
@@ -60,7 +57,8 @@ def save_sample_sheets(
     subjects = [(subject, "ok"), (subject, "defect_crack")]
     steps = len(next(iter(CONDITION_SWEEPS.values())))
     cols = steps * len(subjects)
-    fig, axes = plt.subplots(len(CONDITION_SWEEPS), cols, figsize=(1.25 * cols, 1.45 * len(CONDITION_SWEEPS)))
+    fig = Figure(figsize=(1.25 * cols, 1.45 * len(CONDITION_SWEEPS)))
+    axes = fig.subplots(len(CONDITION_SWEEPS), cols, squeeze=False)
     for r, (name, values) in enumerate(CONDITION_SWEEPS.items()):
         for s_i, (s_seed, s_label) in enumerate(subjects):
             for v_i, value in enumerate(values):
@@ -80,5 +78,4 @@ def save_sample_sheets(
     fig.tight_layout()
     by_condition = out / "samples_by_condition.png"
     fig.savefig(by_condition, dpi=110)
-    plt.close(fig)
     return by_class, by_condition

@@ -185,6 +185,10 @@ def export_onnx_file(
                 graph,
                 (dummy,),
                 str(tmp),
+                # The TorchScript exporter, on purpose: since torch 2.9 the default is the
+                # torch.export one (dynamo=True), which needs onnxscript, not a kensa dependency
+                # (it fails with ModuleNotFoundError here). Torch warns that this exporter will
+                # be removed; moving means adding onnxscript and re-checking the parity sample.
                 dynamo=False,
                 opset_version=OPSET,
                 input_names=["images"],

@@ -74,7 +74,7 @@ def create_console(
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("event=console_unhandled_error path=%s", request.url.path)
+        log.exception("console_unhandled_error", extra={"path": request.url.path})
         return error(request, 500, "internal_error", "an internal error occurred; it was logged")
 
     # The routes as declared (FastAPI wraps included ones), for matching a request to its policy.
@@ -107,7 +107,7 @@ def mount_console(app: FastAPI, settings: Settings, sessions: sessionmaker[Sessi
         try:
             result = await state.models.check(actor=actor)
         except Exception as exc:  # registry unreachable: the poll will catch up
-            log.warning("event=console_refresh_failed error=%s", type(exc).__name__)
+            log.warning("console_refresh_failed", extra={"error": type(exc).__name__})
             return "serving could not read the registry now; it will pick the champion up on its next poll"
         serving = result.serving.version if result.serving else None
         if result.status == "swapped":

@@ -132,7 +132,7 @@ class ConsoleGuard:
             if allowed is None or user.role not in allowed:
                 who = ", ".join(sorted(allowed)) if allowed else "no role (this page has no policy)"
                 log.info(
-                    "event=console_forbidden key_id=%s role=%s route=%s", user.key_id, user.role, template
+                    "console_forbidden", extra={"key_id": user.key_id, "role": user.role, "route": template}
                 )
                 detail = f"role '{user.role}' may not {method} {template}; allowed: {who}"
                 await self.render_error(scope, 403, "forbidden", detail)(scope, receive, send)
@@ -205,7 +205,7 @@ class ConsoleGuard:
             values = parse_qs(body.decode("utf-8", "replace"), max_num_fields=64).get(CSRF_FIELD)
             presented = values[0] if values else None
         if session is None or not session.csrf_matches(presented):
-            log.info("event=console_csrf_refused path=%s", scope["path"])
+            log.info("console_csrf_refused", extra={"path": scope["path"]})
             detail = (
                 "this form did not carry the console's CSRF token for your session; "
                 "reload the page and send it again"

@@ -166,7 +166,14 @@ class Batcher:
         try:
             probs, features = await loop.run_in_executor(self._infer_pool, _infer, model, batch)
         except Exception as exc:  # a verified model failing at run time: ours, not the caller's
-            log.exception("event=inference_failed model=%s version=%s", model.name, model.version)
+            log.exception(
+                "inference_failed",
+                extra={
+                    "model_name": model.name,
+                    "model_version": model.version,
+                    "prediction_ids": [getattr(j.context, "request_id", None) for j in batch],
+                },
+            )
             err = ApiError(
                 503,
                 "inference_failed",

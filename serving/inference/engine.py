@@ -129,11 +129,11 @@ def open_session(
                     providers=[(provider, _provider_options(provider, cache_dir)), CPU],
                 )
         except Exception as exc:  # a provider that cannot start is expected; try the next one
-            log.info("event=provider_unavailable provider=%s reason=%s", provider, type(exc).__name__)
+            log.info("provider_unavailable", extra={"provider": provider, "reason": type(exc).__name__})
             continue
         if session.get_providers()[0] == provider:
             return session, provider
-        log.info("event=provider_unavailable provider=%s reason=fell_back_to_cpu", provider)
+        log.info("provider_unavailable", extra={"provider": provider, "reason": "fell_back_to_cpu"})
     raise RuntimeError("no onnxruntime provider initialised (CPU is always tried last)")
 
 
@@ -234,19 +234,22 @@ def load_model(
             check_parity(spec, run_probs(fp16_session), atol=FP16_PARITY_ATOL)
             session, provider, precision = fp16_session, fp16_provider, "fp16"
         except Exception as exc:  # the FP32 graph is verified; FP16 is only an optimisation
-            log.warning("event=fp16_skipped model=%s version=%s reason=%s", name, version, exc)
+            log.warning(
+                "fp16_skipped", extra={"model_name": name, "model_version": version, "reason": str(exc)}
+            )
     ms_per_image = _warm_up(session, spec.input_size, max_batch)
     chosen = choose_runners(ms_per_image, runners)
     log.info(
-        "event=model_verified model=%s version=%s sha256=%s provider=%s precision=%s "
-        "warmup_ms_per_image=%.2f runners=%d seconds=%.2f",
-        name,
-        version,
-        sha[:12],
-        provider,
-        precision,
-        ms_per_image,
-        chosen,
-        time.perf_counter() - started,
+        "model_verified",
+        extra={
+            "model_name": name,
+            "model_version": version,
+            "sha256": sha,
+            "provider": provider,
+            "precision": precision,
+            "warmup_ms_per_image": round(ms_per_image, 3),
+            "runners": chosen,
+            "seconds": round(time.perf_counter() - started, 3),
+        },
     )
     return ServedModel(name, version, sha, path, spec, session, provider, precision, chosen, ms_per_image)

@@ -197,7 +197,7 @@ class PredictionLog:
                 session.commit()
             return [p.answer for p in rows]
         except IntegrityError:
-            log.info("event=group_commit_conflict rows=%d fallback=row_by_row", len(rows))
+            log.info("group_commit_conflict", extra={"rows": len(rows), "fallback": "row_by_row"})
         return [self._write_one(p) for p in rows]
 
     def _write_one(self, pending: PendingRow) -> Answer | ApiError:

@@ -6,10 +6,10 @@ import asyncio
 import dataclasses
 import logging
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from kensa.models.evaluation.qc import verdicts
@@ -27,6 +27,7 @@ from kensa.serving.inference.predlog import Answer, PendingRow, PredictionLog, k
 from kensa.serving.inference.swap import ModelManager
 from kensa.serving.metrics import Metrics
 
+from kensa.logs import context_fields, new_request_id, request_id
 from kensa.settings import Settings
 
 log = logging.getLogger("kensa.serving.service")
@@ -57,6 +58,7 @@ class _Context:
     key: str | None
     part: PartInfo
     source: ImageInput
+    log_fields: Mapping[str, Any]  # the request's logging context (its id), for the verdict line
 
 
 class InspectionService:
@@ -112,6 +114,8 @@ class InspectionService:
         """Judge ``images``; each answer is logged (committed) before this returns.
 
         ``key`` is the Idempotency-Key; with ``indexed_keys`` (batch routes) image i uses ``key#i``.
+        A verdict's ``request_id`` is the HTTP request's (``X-Request-ID``), or ``<id>-<i>`` for
+        image i of several; so one HTTP request makes one call here.
         """
         if self.models.current is None:
             raise ApiError(
@@ -131,6 +135,8 @@ class InspectionService:
         self._in_flight += len(images)
         self.metrics.in_flight.set(self._in_flight)
         received = time.perf_counter()
+        rid = request_id() or new_request_id()
+        ids = [rid] if len(images) == 1 else [f"{rid}-{i}" for i in range(len(images))]
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 return list(
@@ -140,6 +146,7 @@ class InspectionService:
                                 img,
                                 PartInfo(pid or None, part.line_id, part.camera_id),
                                 f"{key}#{i}" if key is not None and indexed_keys else key,
+                                ids[i],
                                 received,
                             )
                             for i, (img, pid) in enumerate(zip(images, part_ids, strict=True))
@@ -157,10 +164,12 @@ class InspectionService:
             self._in_flight -= len(images)
             self.metrics.in_flight.set(self._in_flight)
 
-    async def _one(self, image: ImageInput, part: PartInfo, key: str | None, received: float) -> Answer:
+    async def _one(
+        self, image: ImageInput, part: PartInfo, key: str | None, rid: str, received: float
+    ) -> Answer:
         loop = asyncio.get_running_loop()
         if key is None:
-            return await self._judge(image, part, None, received)
+            return await self._judge(image, part, None, rid, received)
         sha = await loop.run_in_executor(self._decode_pool, _digest, image)
         waiting = self._pending.get(key)
         if waiting is not None:  # the same key is being judged right now: share its answer
@@ -173,7 +182,7 @@ class InspectionService:
             answer = (
                 _replay(stored, sha, key)
                 if stored is not None
-                else await self._judge(image, part, key, received)
+                else await self._judge(image, part, key, rid, received)
             )
             future.set_result(answer)
             return answer
@@ -195,12 +204,14 @@ class InspectionService:
         finally:
             del self._pending[key]
 
-    async def _judge(self, image: ImageInput, part: PartInfo, key: str | None, received: float) -> Answer:
+    async def _judge(
+        self, image: ImageInput, part: PartInfo, key: str | None, rid: str, received: float
+    ) -> Answer:
         loop = asyncio.get_running_loop()
         size = self.models.current.spec.input_size if self.models.current else 0
         decoded = await loop.run_in_executor(self._decode_pool, self._decode, image, size)
         future: asyncio.Future[Answer] = loop.create_future()
-        context = _Context(uuid.uuid4().hex, key, part, image)
+        context = _Context(rid, key, part, image, context_fields())
         job = Job(decoded, _resizer(image, self.settings.max_pixels), context, received, future)
         self.batcher.submit(job)
         self.metrics.queue_depth.set(self.batcher.depth)
@@ -251,7 +262,15 @@ class InspectionService:
         try:
             outcomes = await loop.run_in_executor(self._write_pool, self.predlog.write, rows)
         except Exception as exc:  # the store is down: no row, so no verdict may be given
-            log.error("event=log_write_failed rows=%d error=%s", len(rows), type(exc).__name__)
+            log.error(
+                "prediction_log_write_failed",
+                extra={
+                    "prediction_ids": [r.answer.request_id for r in rows],
+                    "model_name": model.name,
+                    "model_version": model.version,
+                    "error": type(exc).__name__,
+                },
+            )
             err = ApiError(
                 503,
                 "store_unavailable",
@@ -262,12 +281,35 @@ class InspectionService:
         for job, outcome in zip(result.jobs, outcomes, strict=True):
             if isinstance(outcome, Answer):
                 self.metrics.verdicts.labels(outcome.model_name, outcome.model_version, outcome.verdict).inc()
+                _log_verdict(outcome, job.context)
             if job.future.done():
                 continue
             if isinstance(outcome, ApiError):
                 job.future.set_exception(outcome)
             else:
                 job.future.set_result(outcome)
+
+
+def _log_verdict(answer: Answer, ctx: _Context) -> None:
+    # Batches are finished on the batcher's task, outside the request's logging context: the
+    # request's fields (its id) travel with the job. ``prediction_id`` is the verdict's
+    # ``request_id`` in the response and the prediction log: the request id, or ``<id>-<i>``
+    # for image i of several.
+    log.info(
+        "verdict",
+        extra={
+            **ctx.log_fields,
+            "prediction_id": answer.request_id,
+            "model_name": answer.model_name,
+            "model_version": answer.model_version,
+            "verdict": answer.verdict,
+            "defect_type": answer.defect_type,
+            "replayed": answer.replayed,
+            "latency_ms": answer.latency_ms,
+            "part_id": answer.part_id,
+            "line_id": ctx.part.line_id or DEFAULT_LINE,
+        },
+    )
 
 
 def _digest(image: ImageInput) -> str:

@@ -197,11 +197,14 @@ class ModelManager:
         self._metrics.model_info.labels(model.name, model.version, model.provider, model.precision).set(1)
         self._metrics.swaps.inc()
         log.info(
-            "event=model_swapped model=%s version=%s previous=%s provider=%s",
-            model.name,
-            model.version,
-            old.version if old else "none",
-            model.provider,
+            "model_swapped",
+            extra={
+                "model_name": model.name,
+                "model_version": model.version,
+                "previous_version": old.version if old else None,
+                "provider": model.provider,
+                "precision": model.precision,
+            },
         )
 
     def _record_swap(self, model: ServedModel, previous: ServedModel | None, actor: str) -> None:
@@ -224,11 +227,13 @@ class ModelManager:
         current = self._current
         still = f"still serving version {current.version}" if current else "no model is serving"
         log.warning(
-            "event=model_refused model=%s version=%s step=%s reason=%r",
-            candidate.name,
-            candidate.version,
-            exc.step,
-            exc.reason,
+            "model_refused",
+            extra={
+                "model_name": candidate.name,
+                "model_version": candidate.version,
+                "step": exc.step,
+                "reason": exc.reason,
+            },
         )
         with self._sessions() as session:
             session.add(
@@ -269,4 +274,4 @@ class ModelManager:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # registry down, network blip: keep serving, try again later
-                log.warning("event=champion_poll_failed error=%s", type(exc).__name__)
+                log.warning("champion_poll_failed", extra={"error": type(exc).__name__})

@@ -225,10 +225,8 @@ class AuthMiddleware:
         if allowed is None or principal.role not in allowed:
             who = ", ".join(sorted(allowed)) if allowed else "no role (this route has no policy)"
             log.info(
-                "event=forbidden key_id=%s role=%s route=%s",
-                principal.key_id,
-                principal.role,
-                template,
+                "forbidden",
+                extra={"key_id": principal.key_id, "role": principal.role, "route": template},
             )
             await send_error(
                 send,

@@ -258,6 +258,19 @@ def test_torchvision_onnx_is_wrapped_with_normalisation_inside_and_registered(
     assert [i.name for i in graph.input] == ["images"]
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert [o.name for o in graph.output] == ["probs", "features"]
+    # The MLflow signature states the same contract: uint8 NHWC in, float32 per-class probs out.
+    signature = mlflow.models.get_model_info(f"models:/{REGISTRY}/{onnx_version}").signature
+    assert signature is not None
+    [images_spec] = signature.inputs.inputs
+    size = graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    assert (images_spec.name, images_spec.type, images_spec.shape) == (
+        "images",
+        np.dtype("uint8"),
+        (-1, size, size, 3),
+    )
+    outputs = {o.name: (o.type, o.shape[0]) for o in signature.outputs.inputs}
+    assert outputs == {"probs": (np.dtype("float32"), -1), "features": (np.dtype("float32"), -1)}
+    assert signature.outputs.inputs[0].shape == (-1, len(load_dataset(tiny_line).classes))
     # Raw uint8 NHWC pixels in; what the torchvision model gives for ImageNet-normalised float NCHW.
     ds = load_dataset(tiny_line)
     net = torchvision_net(len(ds.classes))

@@ -60,17 +60,19 @@ async def login(
     target = safe_next(next)
     user = await asyncio.to_thread(_check_key, console, api_key) if api_key.strip() else None
     if user is None:
-        log.info("event=console_sign_in_refused reason=unknown_or_revoked")
+        log.info("console_sign_in_refused", extra={"reason": "unknown_or_revoked"})
         error = "That API key is unknown or has been revoked. Ask an admin for a key (kensa keys create)."
         return console.pages.render(request, "login.html", {"next": target, "error": error}, 401)
     if user.role not in PEOPLE:
-        log.info("event=console_sign_in_refused key_id=%s reason=role role=%s", user.key_id, user.role)
+        log.info(
+            "console_sign_in_refused", extra={"reason": "role", "key_id": user.key_id, "role": user.role}
+        )
         error = (
             f"A '{user.role}' key is for machines on the line; the console takes an operator, "
             "data-scientist, auditor or admin key."
         )
         return console.pages.render(request, "login.html", {"next": target, "error": error}, 403)
-    log.info("event=console_sign_in key_id=%s role=%s", user.key_id, user.role)
+    log.info("console_sign_in", extra={"key_id": user.key_id, "role": user.role})
     response = console.pages.redirect(request, target)
     session = ConsoleSession.signed_in(user).with_flash("ok", f"Signed in as {user.name} ({user.role}).")
     console.pages.codec.write(response, session, secure=is_secure(request))
@@ -80,7 +82,7 @@ async def login(
 @router.post("/logout")
 def logout(request: Request) -> Response:
     user = user_of(request)
-    log.info("event=console_sign_out key_id=%s", user.key_id)
+    log.info("console_sign_out", extra={"key_id": user.key_id})
     response = console_of(request).pages.redirect(request, f"{CONSOLE_PREFIX}/login")
     SessionCodec.clear(response, secure=is_secure(request))
     return response
