@@ -84,5 +84,13 @@ JsonOpt = Annotated[
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Build the one Settings object for this CLI process."""
-    return Settings()
+    """Build the one Settings object for this CLI process; invalid settings exit 2, naming each."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"KENSA_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        raise fail(f"invalid settings: {problems}") from None

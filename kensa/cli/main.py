@@ -37,6 +37,13 @@ def _root(
     ] = False,
 ) -> None:
     """Visual quality control: pilot, KPI gate, scale sweep, approval, serving, monitoring."""
+    from kensa.cli.common import get_settings
+    from kensa.logs import configure_logging
+
+    # Warnings from any part come out as structured lines (JSON by default); a command's own
+    # output is rich text on stdout. `kensa serve` re-configures at the settings' log level.
+    # Invalid settings exit 2 here, naming each one, before any command starts.
+    configure_logging("WARNING", get_settings().log_format)
 
 
 app.add_typer(line.app, name="line")

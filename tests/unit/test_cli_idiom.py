@@ -123,3 +123,16 @@ def test_exit_codes_are_the_documented_table() -> None:
     table = (Path(__file__).parents[2] / "docs" / "cli.md").read_text(encoding="utf-8")
     for code in ExitCode:
         assert f"| {code.value} | `{code.name}` |" in table, f"{code!r} is not in docs/cli.md"
+
+
+def test_invalid_settings_are_named_and_exit_2_without_a_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kensa.cli.main", "keys", "list"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KENSA_DATA_DIR": str(tmp_path), "KENSA_CLASSES": "defect_a,ok"},
+        check=False,
+    )
+    assert result.returncode == ExitCode.INVALID
+    assert "invalid settings: KENSA_CLASSES" in result.stderr and "must start with 'ok'" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
