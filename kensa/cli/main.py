@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from kensa.cli import audit, data, db, demo, deploy, flows, keys, line, modeling, serve
+from kensa.cli import audit, backbones, data, db, demo, deploy, flows, keys, line, modeling, serve
 from kensa.cli import drift_alerts as monitor_cmds
 from kensa.cli import experiments as experiment_cmds
 from kensa.cli import retrain as retrain_cmds
@@ -61,6 +61,7 @@ app.command("cost")(flows.cost_cmd)
 app.command("retrain")(retrain_cmds.retrain_cmd)
 app.command("deploy")(deploy.deploy_cmd)
 app.add_typer(keys.app, name="keys")
+app.add_typer(backbones.app, name="backbones")
 app.add_typer(audit.app, name="audit")
 app.command("register")(experiment_cmds.register_cmd)
 app.command("compare")(experiment_cmds.compare_cmd)
