@@ -428,7 +428,10 @@ def export_bundle(
             details={"manifest_sha256": manifest, "file": out.name},
         )
         session.commit()
-    log.info("event=audit_export model=%s version=%s file=%s manifest=%s", name, version, out, manifest)
+    log.info(
+        "audit_export",
+        extra={"model_name": name, "model_version": version, "file": str(out), "manifest": manifest},
+    )
     return ExportReport(
         out, name, version, files, out.stat().st_size, manifest, len(events), n_decisions, tuple(warnings)
     )

@@ -212,11 +212,8 @@ def load_with_provenance(name: str, weights: Path | None = None) -> LoadedBackbo
         msg = f"{path} does not fit backbone {name!r} (strict load): {err}"
         raise BackboneWeightsError(msg) from err
     log.info(
-        "event=backbone_loaded name=%s weights=%s sha256=%s catalogue=%s",
-        name,
-        path,
-        digest,
-        weights is None,
+        "backbone_loaded",
+        extra={"backbone": name, "weights": str(path), "sha256": digest, "catalogue": weights is None},
     )
     return LoadedBackbone(backbone, model.eval(), path, digest, from_catalogue=weights is None)
 
