@@ -45,12 +45,15 @@ def _lookup(settings: Settings, reference_path: str | None) -> ReferenceLookup:
     return lambda name, version: fetch_reference(settings, name, version)
 
 
-@task(name="score-windows", cache_policy=NO_CACHE)
+# Every task here is store, MLflow or webhook I/O, and safe to run again: a drift check resumes
+# after the last window it committed, escalation and webhook resends look at what is still due,
+# and an alert claimed for retraining is not claimed twice. So each is retried.
+@task(name="score-windows", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 5, 15])
 def score_task(settings: Settings, options: CheckOptions, reference_path: str | None) -> CheckOutcome:
     return check_drift(open_store(settings), settings, options, references=_lookup(settings, reference_path))
 
 
-@task(name="archive-reports", cache_policy=NO_CACHE)
+@task(name="archive-reports", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 5, 15])
 def archive_reports(settings: Settings, reports: list[str]) -> dict[str, str]:
     """Log the HTML reports to MLflow when a tracking server is configured (local files otherwise)."""
     if not reports or not settings.mlflow_tracking_uri:
@@ -68,7 +71,7 @@ def archive_reports(settings: Settings, reports: list[str]) -> dict[str, str]:
     return uris
 
 
-@task(name="escalate-overdue", cache_policy=NO_CACHE)
+@task(name="escalate-overdue", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 5, 15])
 def escalate_task(settings: Settings) -> dict[str, list[int]]:
     """Escalate unacknowledged critical alerts; re-send failed webhooks (sent after the commit)."""
     with open_store(settings)() as session:
@@ -100,7 +103,7 @@ def _claim(sessions: sessionmaker[Session], alert_id: int) -> bool:
         return True
 
 
-@task(name="start-retraining", cache_policy=NO_CACHE)
+@task(name="start-retraining", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 5, 15])
 def retrain_task(settings: Settings) -> dict[int, str]:
     """Start one retraining for the alerts that call for it; record the run id on each."""
     return start_retraining_for(settings)
@@ -132,7 +135,7 @@ def start_retraining_for(settings: Settings, alert_ids: list[int] | None = None)
         error = None
     except Exception as exc:  # noqa: BLE001 - any failure is recorded on the alerts, never lost
         run_id, error = None, f"{type(exc).__name__}: {exc}"[:500]
-        log.exception("event=retrain_start_failed alerts=%s", claimed)
+        log.exception("retrain_start_failed", extra={"alerts": claimed})
     started: dict[int, str] = {}
     with sessions() as session:
         for alert_id in claimed:

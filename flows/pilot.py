@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from kensa.flows.common import FlowContext, flow_context, log_outcome, record_stage_cost
+from kensa.flows.common import FlowContext, flow_context, record_stage_cost
 from kensa.flows.compute import check_budget, estimate_training
 from kensa.flows.distributed import processes_for
 from kensa.flows.gate import GateFailedError, evaluate_gate
-from kensa.flows.tasks import stage_task
+from kensa.flows.tasks import log_outcome_task, stage_task
 from kensa.flows.tracking import log_dataset_input
 from kensa.models.data.ingest import load_dataset
 from kensa.models.train.trainer import TrainConfig, dataset_image_size, measure_train_throughput
@@ -88,8 +88,9 @@ def pilot(
             ctx.config.serving.batch_size,
             ctx.config.sweep.max_robustness_images,
             processes_for(ctx.config.targets[p.target]),
+            mlflow_run_id=run_id,
         )
-        log_outcome(ctx.client, run_id, outcome)
+        log_outcome_task(ctx.client, run_id, outcome)
         cost = record_stage_cost(ctx, run_id, "pilot", p.target, outcome.seconds)
         gate = evaluate_gate(outcome.metrics, ctx.config.kpi)
         mlflow.set_tags(
@@ -124,20 +125,9 @@ def pilot(
     if continue_to_sweep:
         from kensa.flows.sweep import sweep
 
-        # The pilot is one point of the sweep's grid when its config matches one exactly: the
-        # sweep takes it over instead of training and paying for it a second time.
-        s = ctx.config.sweep
-        same = p.model in s.models and p.fraction in s.fractions and p.epochs == s.epochs
-        reuse = (
-            {
-                "key": f"{p.model}@{p.fraction:g}",
-                "outcome": outcome.to_dict(),
-                "run_id": run_id,
-                "cost": cost.cost,
-            }
-            if same and not outcome.train.get("stopped_early", False)
-            else None
-        )
+        # The pilot is one point of the sweep's grid when its recipe matches one exactly: the
+        # sweep's stage for that point is then Prefect's cached result of the pilot's stage
+        # (kensa.flows.tasks.stage_cache_key), neither trained nor paid for a second time.
         summary["sweep"] = sweep(
             data=str(data_root),
             config_path=config_path,
@@ -146,7 +136,6 @@ def pilot(
             seed=seed,
             parent_run_id=run_id,
             registered_by=registered_by,
-            reuse=reuse,
         )
         if wait_for_approval:
             from kensa.flows.approval import wait_for_approval as wait

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from kensa.flows.common import FlowContext, log_outcome, record_stage_cost
+from kensa.flows.common import FlowContext, record_stage_cost
 from kensa.flows.config import load_project_config
 from kensa.flows.distributed import processes_for
 from kensa.flows.gate import GateFailedError, evaluate_gate
 from kensa.flows.ledger import attach_model_version
 from kensa.flows.register import register_candidate
 from kensa.flows.retrain_inputs import Champion, find_dataset, labelled_reviews, load_champion
-from kensa.flows.tasks import stage_task
+from kensa.flows.tasks import log_outcome_task, stage_task
 from kensa.flows.tracking import configure_mlflow, ensure_experiment, log_dataset_input
 from kensa.models.data.ingest import DatasetVersion, load_dataset
 from kensa.models.data.reviewed import LabelledImage, MergeResult, merge_reviewed
@@ -52,7 +52,8 @@ TAG_PREFIX = "kensa.retrain."
 _SETTINGS: ContextVar[Settings | None] = ContextVar("kensa_retrain_settings", default=None)
 
 
-@task(name="merge-review-labels", cache_policy=NO_CACHE)
+# Retried: file and store I/O, and a build that stopped half-way is started over (merge_reviewed).
+@task(name="merge-review-labels", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 5, 15])
 def merge_task(base: DatasetVersion, images: list[LabelledImage], settings: Settings) -> MergeResult:
     """The new dataset version: the base plus every new labelled image (hashed, checked, split)."""
     columns = (TextColumn("new dataset version"), BarColumn(), MofNCompleteColumn())
@@ -202,8 +203,9 @@ def retrain(
             ctx.config.serving.batch_size,
             ctx.config.sweep.max_robustness_images,
             processes_for(ctx.config.targets[target]),
+            mlflow_run_id=run_id,
         )
-        log_outcome(ctx.client, run_id, outcome)
+        log_outcome_task(ctx.client, run_id, outcome)
         cost = record_stage_cost(ctx, run_id, "retrain", target, outcome.seconds)
         comparison = compare_task(champion.onnx_path, outcome.onnx_path, _eval_sets(base, merged))
         table = _record_comparison(ctx, run_id, comparison, root)
@@ -318,10 +320,8 @@ def start_retraining(settings: Settings, *, alert_id: int | None, reason: str) -
         scheduled = run_deployment(DEPLOYMENT, parameters=parameters, timeout=0)
         assert isinstance(scheduled, FlowRun)  # a coroutine only when called from async code
         log.info(
-            "event=retrain_scheduled flow_run=%s deployment=%s alert_id=%s",
-            scheduled.id,
-            DEPLOYMENT,
-            alert_id,
+            "retrain_scheduled",
+            extra={"flow_run": str(scheduled.id), "deployment": DEPLOYMENT, "alert_id": alert_id},
         )
         return str(scheduled.id)
     token = _SETTINGS.set(settings)
@@ -331,14 +331,16 @@ def start_retraining(settings: Settings, *, alert_id: int | None, reason: str) -
         _SETTINGS.reset(token)
     flow_run_id = str(state.state_details.flow_run_id)
     if state.is_completed():
-        log.info("event=retrain_completed flow_run=%s alert_id=%s", flow_run_id, alert_id)
+        log.info("retrain_completed", extra={"flow_run": flow_run_id, "alert_id": alert_id})
     else:
         log.error(
-            "event=retrain_failed flow_run=%s alert_id=%s state=%s message=%r",
-            flow_run_id,
-            alert_id,
-            state.type.value,
-            state.message,
+            "retrain_failed",
+            extra={
+                "flow_run": flow_run_id,
+                "alert_id": alert_id,
+                "state": state.type.value,
+                "state_message": state.message,
+            },
         )
     return flow_run_id
 
@@ -351,6 +353,6 @@ def _deployment_exists() -> bool:
         try:
             client.read_deployment_by_name(DEPLOYMENT)
         except ObjectNotFound:
-            log.warning("event=retrain_in_process reason=no_deployment deployment=%s", DEPLOYMENT)
+            log.warning("retrain_in_process", extra={"reason": "no_deployment", "deployment": DEPLOYMENT})
             return False
     return True

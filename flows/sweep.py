@@ -3,7 +3,9 @@
 Each trial is a nested MLflow run with clean and corrupted metrics, its training cost and its
 measured inference latency (→ serving cost per million parts). Error-vs-parameters and
 error-vs-data curves are fitted for clean and corrupted error; the configuration with the lowest
-TCO that meets the KPI on corrupted data is registered as ``candidate``.
+TCO that meets the KPI on corrupted data is registered as ``candidate``. A grid point whose stage
+already ran in this top-level flow run (the pilot's, when the pilot is one point of the grid)
+comes back from Prefect's cache of that stage: it is neither trained nor paid for again.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from kensa.flows.choose import Trial, choose, tco
 from kensa.flows.common import (
     FlowContext,
     flow_context,
-    log_outcome,
     planned_parts_millions,
     record_stage_cost,
     serving_cost_per_million,
@@ -25,11 +26,11 @@ from kensa.flows.common import (
 from kensa.flows.compute import Estimate, check_budget, estimate_training, place_trials
 from kensa.flows.distributed import processes_for
 from kensa.flows.gate import GateFailedError, corrupted_escape, evaluate_gate
-from kensa.flows.ledger import LedgerLine, attach_model_version
+from kensa.flows.ledger import LedgerLine, attach_model_version, read_ledger
 from kensa.flows.register import register_candidate
 from kensa.flows.stages import StageOutcome
 from kensa.flows.sweep_plots import plot_cost_frontier, plot_scaling
-from kensa.flows.tasks import stage_task
+from kensa.flows.tasks import log_outcome_task, reused_from, stage_task
 from kensa.flows.tracking import log_dataset_input
 from kensa.models.data.ingest import load_dataset
 from kensa.models.evaluation.scaling import effective_robustness, fit_power_law
@@ -111,13 +112,12 @@ def sweep(
     parent_run_id: str | None = None,
     registered_by: str = "kensa-sweep",
     source: str = "sweep",
-    reuse: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the grid, fit the curves, choose by TCO under the corrupted-data KPI, register it.
 
-    ``reuse`` is a stage that already ran with one grid point's exact config (the pilot, usually:
-    ``{"key": "small_cnn@0.5", "outcome": StageOutcome.to_dict(), "run_id": ..., "cost": ...}``);
-    that trial is taken from it instead of being trained and paid for a second time.
+    A grid point whose stage already ran with the same recipe in this top-level flow run (the
+    pilot, usually) is Prefect's cached result of that stage: its trial records the run that
+    trained it (``kensa.reused_from``) and what that run paid, and trains nothing.
     """
     logger = get_run_logger()
     ctx = flow_context(config_path)
@@ -149,8 +149,9 @@ def sweep(
         )
         log_dataset_input(data_root, ds.version, name=f"line-{ds.short_version}")
         grid = [(m, f) for m in s.models for f in s.fractions]
-        runs, futures = {}, {}
-        reused = _reused_outcome(reuse)
+        runs: dict[str, tuple[str, str]] = {}
+        stages: dict[str, dict[str, Any]] = {}
+        futures = {}
         for (model, fraction), est in zip(grid, estimates, strict=True):
             key = f"{model}@{fraction:g}"
             tags = {
@@ -158,13 +159,8 @@ def sweep(
                 "kensa.stage": "sweep-trial",
                 "kensa.target": est.target,
             }
-            if reuse and key in reused:
-                tags["kensa.reused_from"] = str(reuse.get("run_id", ""))
             child = ctx.client.create_run(ctx.experiment_id, run_name=key, tags=tags)
             runs[key] = (child.info.run_id, est.target)
-            if key in reused:
-                logger.info("trial %s reuses the run that already trained this exact config", key)
-                continue
             cfg = TrainConfig(
                 model=model,
                 epochs=s.epochs,
@@ -172,25 +168,36 @@ def sweep(
                 seed=seed,
                 device=ctx.config.targets[est.target].device,
             )
-            futures[key] = stage_task.submit(
-                data_root,
-                root / key.replace("@", "_f"),
-                cfg,
-                ctx.policy,
-                reference,
-                ctx.config.serving.batch_size,
-                s.max_robustness_images,
-                processes_for(ctx.config.targets[est.target]),
-            )
+            stages[key] = {
+                "data_root": data_root,
+                "out_dir": root / key.replace("@", "_f"),
+                "train_config": cfg,
+                "policy": ctx.policy,
+                "reference": reference,
+                "serving_batch": ctx.config.serving.batch_size,
+                "max_robustness_images": s.max_robustness_images,
+                "nproc": processes_for(ctx.config.targets[est.target]),
+            }
+            # A point already trained in this flow run (the pilot's) resolves from Prefect's cache.
+            futures[key] = stage_task.submit(**stages[key], mlflow_run_id=child.info.run_id)
         trials: list[Trial] = []
         outcomes: dict[str, StageOutcome] = {}
         for key in runs:
-            outcome = reused[key] if key in reused else futures[key].result()
-            outcomes[key] = outcome
             run_id, target = runs[key]
-            log_outcome(ctx.client, run_id, outcome)
-            if key in reused and reuse:  # already on the ledger under the run that trained it
-                paid = float(reuse["cost"])
+            outcome = futures[key].result()
+            trained_by = reused_from(outcome, run_id)
+            if trained_by and outcome.train.get("stopped_early", False):
+                # Cut short by the pilot's time budget: not this point's recipe. Train it in full.
+                logger.info("trial %s: run %s stopped early; training it in full", key, trained_by)
+                refresh = stage_task.with_options(refresh_cache=True)
+                outcome = refresh.submit(**stages[key], mlflow_run_id=run_id).result()
+                trained_by = None
+            outcomes[key] = outcome
+            log_outcome_task(ctx.client, run_id, outcome)
+            if trained_by:  # already on the ledger under the run that trained it
+                logger.info("trial %s reuses run %s, which trained this exact recipe", key, trained_by)
+                ctx.client.set_tag(run_id, "kensa.reused_from", trained_by)
+                paid = sum(line.cost for line in read_ledger(ctx.settings) if line.run_id == trained_by)
                 cost = LedgerLine(run_id, "sweep", target, None, 0.0, paid, ctx.config.currency)
             else:
                 cost = record_stage_cost(ctx, run_id, "sweep", target, outcome.seconds)
@@ -293,14 +300,6 @@ def sweep(
         "scaling_plot": str(scaling_png),
         "frontier_plot": str(frontier_png),
     }
-
-
-def _reused_outcome(reuse: dict[str, Any] | None) -> dict[str, StageOutcome]:
-    if not reuse:
-        return {}
-    raw = dict(reuse["outcome"])
-    raw["run_dir"], raw["onnx_path"] = Path(raw["run_dir"]), Path(raw["onnx_path"])
-    return {str(reuse["key"]): StageOutcome(**raw)}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -35,7 +35,8 @@ SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY$|ACCESS_KEY|ROOT_USER")
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
 URL_PASSWORD = re.compile(r"://[^:/@\s]+:([^@\s]+)@")
 # Environment variables that look like settings but belong to something else.
-NOT_SETTINGS = {"KENSA_REPO_DIR"}  # read by Prefect's pull step ({{ $KENSA_REPO_DIR }}), not Settings
+# KENSA_REPO_DIR: the images' checkout path (/opt/kensa), where `kensa deploy --repo-dir` points.
+NOT_SETTINGS = {"KENSA_REPO_DIR"}
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
@@ -472,7 +473,8 @@ def flow_functions(source: Path) -> set[str]:
 
 
 def check_prefect_yaml(path: Path) -> tuple[list[str], dict[str, str]]:
-    """Prefect's loader (via kensa deploy's reader), then every entrypoint names a real flow.
+    """kensa deploy's reader (pools; deployments on declared pools), then every entrypoint names a
+    real flow. Prefect's own schema is checked by `prefect deploy` (test_prefect_server.py).
 
     Returns the problems and the work pools (name -> type) the file declares.
     """

@@ -1,16 +1,21 @@
-"""`kensa deploy`: create the work pools and deployments of ``infra/prefect.yaml`` on a server."""
+"""`kensa deploy`: the work pools and deployments of ``infra/prefect.yaml`` on a Prefect server.
+
+Pools through Prefect's client, deployments by ``prefect deploy --all`` (``kensa.flows.deploy``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kensa.cli.common import EXIT_INVALID, console, err_console, get_settings
 
-_STYLE = {"created": "green", "updated": "cyan", "unchanged": "dim", "skipped": "yellow"}
+_STYLE = {"created": "green", "updated": "cyan", "unchanged": "dim"}
 
 
 def _api_url(url: str) -> str:
@@ -22,22 +27,34 @@ def _api_url(url: str) -> str:
 
 
 def deploy_cmd(
-    api_url: str | None = typer.Option(
-        None,
-        "--api-url",
-        help="Prefect server API, e.g. http://127.0.0.1:4200/api (default: KENSA_PREFECT_API_URL).",
-    ),
-    prefect_yaml: Path = typer.Option(
-        Path("infra/prefect.yaml"), "--prefect-yaml", help="Deployments and work pools to create."
-    ),
-    repo_dir: Path | None = typer.Option(
-        None,
-        "--repo-dir",
-        help="Checkout the on-prem process worker runs flows from (default: the folder holding "
-        "the prefect.yaml's infra/).",
-    ),
+    api_url: Annotated[
+        str | None,
+        typer.Option(
+            "--api-url",
+            help="Prefect server API, e.g. http://127.0.0.1:4200/api (default: KENSA_PREFECT_API_URL).",
+        ),
+    ] = None,
+    prefect_yaml: Annotated[
+        Path | None,
+        typer.Option(
+            "--prefect-yaml",
+            help="Deployments and work pools to create (default: infra/prefect.yaml in --repo-dir, "
+            "else here).",
+        ),
+    ] = None,
+    repo_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--repo-dir",
+            help="Checkout `prefect deploy` runs in and the on-prem process worker runs flows from "
+            "(default: the folder holding the prefect.yaml's infra/).",
+        ),
+    ] = None,
 ) -> None:
-    """Create the work pools and deployments of prefect.yaml on a Prefect server (idempotent)."""
+    """Create or update the work pools and deployments of prefect.yaml on a Prefect server.
+
+    Pools through Prefect's client, deployments by `prefect deploy --all`; idempotent.
+    """
     settings = get_settings()
     url = api_url or settings.prefect_api_url
     if not url:
@@ -55,20 +72,17 @@ def deploy_cmd(
     from kensa.cli.flows import prepare_prefect
 
     prepare_prefect(settings)
-    from kensa.flows.deploy import DeployConfigError, DeployError, deploy
+    from kensa.flows.deploy import DeployConfigError, DeployError, PrefectUnreachableError, deploy
 
     try:
-        applied = deploy(prefect_yaml, url, repo_dir)
-    except DeployConfigError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        applied = deploy(prefect_yaml or (repo_dir or Path()) / "infra" / "prefect.yaml", url, repo_dir)
+    except (DeployConfigError, PrefectUnreachableError) as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(EXIT_INVALID) from None
     except DeployError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
 
-    for item in applied:
-        if item.action == "skipped":
-            err_console.print(f"[yellow]warning:[/yellow] {item.kind} {item.name} skipped: {item.detail}")
     table = Table(title=f"Prefect at {url}")
     for col in ("kind", "name", "action", "detail"):
         table.add_column(col)

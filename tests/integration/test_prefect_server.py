@@ -1,10 +1,11 @@
 """Deployments on a real Prefect server: prefect.yaml, `kensa deploy`, a process worker, approval.
 
 One `prefect server start` (SQLite in tmp) serves the module. `kensa deploy` creates the pools
-and deployments; a `prefect worker start --type process` on `onprem-gpu` runs the `pilot`
-deployment on the tiny line. That one run covers the whole path — worker → pilot → sweep →
-candidate → pause for approval → a person answers through the API → champion — because a second
-full run would double the file's time on a 2-core machine.
+through Prefect's client and the deployments with `prefect deploy --all`; a `prefect worker
+start --type process` on `onprem-gpu` runs the `pilot` deployment on the tiny line. That one run
+covers the whole path — worker → pilot → sweep → candidate → pause for approval → a person
+answers through the API → champion — because a second full run would double the file's time on
+a 2-core machine.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kensa.flows.deploy import DeployConfigError, load_prefect_yaml
 from mlflow.tracking import MlflowClient
 from servers import (
@@ -26,6 +28,7 @@ from servers import (
     REPO,
     Running,
     clean_env,
+    free_port,
     prefect_server,
     prefect_worker,
     write_config,
@@ -41,45 +44,42 @@ from kensa.store.models import AuditEvent
 RUN_TIMEOUT_S = 480  # pilot → sweep on a shared 2-core CPU, with headroom
 
 
-# --- prefect.yaml, checked with the loader `prefect deploy` uses (no server needed) ------------
+# --- prefect.yaml: kensa's rules, checked without a server -------------------------------------
 
 
-def test_prefect_yaml_loads_with_prefects_own_loader() -> None:
+def test_prefect_yaml_declares_the_pools_and_deployments() -> None:
     plan = load_prefect_yaml(PREFECT_YAML)
     assert {p.name: p.type for p in plan.pools} == {"onprem-gpu": "process", "cloud-gpu": "kubernetes"}
     assert {p.name: p.gpus for p in plan.pools}["cloud-gpu"] == 1
-    by_name = {d.name: d for d in plan.deployments}
-    assert {n: d.entrypoint for n, d in by_name.items()} == {
+    assert {d.name: d.entrypoint for d in plan.deployments} == {
         "pilot": "flows/pilot.py:pilot",
         "sweep": "flows/sweep.py:sweep",
         "retrain": "flows/retrain.py:retrain",
         "drift-check": "flows/drift_check.py:drift_check",
     }
     assert {d.work_pool for d in plan.deployments} == {"onprem-gpu"}
-    for d in plan.deployments:
-        (step,) = d.pull_steps
-        assert step == {
-            "prefect.deployments.steps.set_working_directory": {"directory": "{{ $KENSA_REPO_DIR }}"}
-        }
-    assert by_name["pilot"].parameters["wait_for_approval"] is True
-    assert "data" not in by_name["pilot"].parameters  # given per run
+    # The rest is Prefect's own format, read by `prefect deploy`: the build step records the
+    # checkout it runs in, the pull step starts every flow run there.
+    raw = yaml.safe_load(PREFECT_YAML.read_text())
+    (build,) = raw["build"]
+    assert build["prefect.deployments.steps.run_shell_script"]["id"] == "checkout"
+    assert raw["pull"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ checkout.stdout }}"}}
+    ]
+    by_name = {d["name"]: d for d in raw["deployments"]}
+    assert by_name["pilot"]["parameters"]["wait_for_approval"] is True
+    assert "data" not in by_name["pilot"]["parameters"]  # given per run
     # The drift check runs on a schedule; the training flows only when started.
-    assert [(s.interval, s.active) for s in by_name["drift-check"].schedules] == [(900.0, True)]
-    assert all(not by_name[n].schedules for n in ("pilot", "sweep", "retrain"))
+    (schedule,) = by_name["drift-check"]["schedules"]
+    assert schedule["interval"] == 900 and schedule["anchor_date"]
+    assert all("schedules" not in by_name[n] for n in ("pilot", "sweep", "retrain"))
 
 
 @pytest.mark.parametrize(
     ("mutation", "message"),
     [
-        # YAML that does not parse: Prefect's loader skips the file.
-        (lambda t: t + "  - name: [unclosed\n", "Prefect's loader rejects"),
-        # A field of the wrong type: Prefect's schema refuses it.
-        (
-            lambda t: t.replace(
-                "enforce_parameter_schema: true", "enforce_parameter_schema: [not, a, bool]", 1
-            ),
-            "Prefect's loader",
-        ),
+        # YAML that does not parse.
+        (lambda t: t + "  - name: [unclosed\n", "is not valid YAML"),
         # A deployment on a pool nobody creates.
         (
             lambda t: t.replace(
@@ -87,15 +87,18 @@ def test_prefect_yaml_loads_with_prefects_own_loader() -> None:
                 "      name: onprem-gpus\n      work_queue_name",
                 1,
             ),
-            "onprem-gpus",
+            "work_pool.name 'onprem-gpus' is not declared under definitions.pools",
         ),
-        # A schedule that is neither an interval nor a cron line, and a cron line that does not parse.
-        (lambda t: t.replace("      - interval: 900", "      - every: 15m", 1), "Prefect's loader"),
-        (lambda t: t.replace("      - interval: 900", "      - cron: '*/15 * *'", 1), "is not valid"),
+        # No pools to create.
+        (lambda t: t.replace("  pools:\n", "  pool_list:\n", 1), "definitions.pools must list"),
+        (
+            lambda t: t.replace("entrypoint: flows/sweep.py:sweep", "entrypoint: flows/sweep.py", 1),
+            "needs a name and an entrypoint",
+        ),
     ],
-    ids=["yaml-syntax", "schema", "undeclared-pool", "schedule-kind", "schedule-cron"],
+    ids=["yaml-syntax", "undeclared-pool", "no-pools", "entrypoint"],
 )
-def test_a_broken_copy_fails_the_same_check(tmp_path: Path, mutation: Any, message: str) -> None:
+def test_kensas_rules_refuse_a_broken_copy(tmp_path: Path, mutation: Any, message: str) -> None:
     broken = tmp_path / "infra" / "prefect.yaml"
     broken.parent.mkdir()
     text = PREFECT_YAML.read_text()
@@ -142,6 +145,14 @@ def _kensa_deploy(api_url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         timeout=300,
         check=False,
     )
+
+
+@pytest.mark.integration
+def test_kensa_deploy_without_a_server_exits_2(tmp_path: Path) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}/api"
+    result = _kensa_deploy(nobody, tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"no Prefect API answers at {nobody}" in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +279,40 @@ def test_kensa_deploy_creates_pools_and_deployments_idempotently(
     assert pilot.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     assert pilot.enforce_parameter_schema
     assert pilot.parameter_openapi_schema["required"] == ["data"]
+
+
+_SCHEDULE = '      - interval: 900\n        anchor_date: "2025-01-01T00:00:00+00:00"\n        timezone: UTC\n'
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("mutation", "message"),
+    [
+        # A field of the wrong type: Prefect's loader refuses the whole file, nothing is deployed.
+        (
+            lambda t: t.replace(
+                "enforce_parameter_schema: true", "enforce_parameter_schema: [not, a, bool]", 1
+            ),
+            "pilot: enforce_parameter_schema",
+        ),
+        # A cron line that does not parse: Prefect stops at that deployment (the file's last).
+        (lambda t: t.replace(_SCHEDULE, "      - cron: '*/15 * *'\n", 1), 'Invalid cron string: "*/15 * *"'),
+    ],
+    ids=["schema", "cron"],
+)
+def test_prefect_deploy_refuses_a_broken_copy(
+    prefect_api: Running, deployed: Any, tmp_path: Path, mutation: Any, message: str
+) -> None:
+    from kensa.flows.deploy import deploy
+
+    text = PREFECT_YAML.read_text()
+    assert _SCHEDULE in text
+    broken = tmp_path / "prefect.yaml"
+    broken.write_text(mutation(text))
+    with pytest.raises(DeployConfigError) as err:
+        deploy(broken, prefect_api.url, repo_dir=REPO)
+    assert "prefect deploy refused" in str(err.value) and message in str(err.value), str(err.value)
 
 
 @pytest.mark.integration
