@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from kensa.governance.approvals import Approval
+from kensa.models.data.imageprep import MAX_SIZE, Box, Fit, Preprocess, check_image_size
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kensa.settings import DEFAULT_CLASSES
@@ -53,7 +54,29 @@ class Stage(_Strict):
     budget: float = Field(ge=0, description="Most this stage may cost, in the ledger currency.")
 
 
-class Pilot(Stage):
+class ImageRecipe(_Strict):
+    """How a stage's photos become model inputs (kensa.models.data.imageprep); serving decodes alike."""
+
+    image_size: int | None = Field(
+        None,
+        description="Model input side in px, 32-384 (128-384 for real parts); none: the dataset's own.",
+    )
+    fit: Fit = Field("letterbox", description="letterbox (aspect kept), roi (crop, then letterbox), squash.")
+    roi: Box | None = Field(None, description="x0, y0, x1, y1 as fractions of the image, with fit = roi.")
+
+    @model_validator(mode="after")
+    def _recipe_valid(self) -> ImageRecipe:
+        if self.image_size is not None:
+            check_image_size(self.image_size)
+        Preprocess(self.image_size or MAX_SIZE, self.fit, self.roi)  # fit and roi agree, roi inside
+        return self
+
+    def recipe_fields(self) -> dict[str, object]:
+        """The TrainConfig fields of this recipe: ``TrainConfig(..., **stage.recipe_fields())``."""
+        return {"image_size": self.image_size, "fit": self.fit, "roi": self.roi}
+
+
+class Pilot(Stage, ImageRecipe):
     model: str = "small_cnn"
     fraction: float = Field(0.5, gt=0, le=1)
     epochs: int = Field(15, ge=1)
@@ -61,7 +84,7 @@ class Pilot(Stage):
     budget: float = 5.0
 
 
-class Sweep(Stage):
+class Sweep(Stage, ImageRecipe):
     models: list[str] = Field(default_factory=lambda: ["small_cnn", "mobilenet_v3_small"])
     fractions: list[float] = Field(default_factory=lambda: [0.5, 1.0])
     epochs: int = Field(15, ge=1)

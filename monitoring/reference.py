@@ -184,14 +184,14 @@ def build_reference(onnx_path: Path, dataset_root: Path, *, split: str = "calibr
     """The reference profile of an exported model on one split of its dataset version."""
     from kensa.models.data.ingest import load_dataset
     from kensa.models.data.parts import load_image
-    from kensa.models.onnx.contract import read_metadata
+    from kensa.models.onnx.contract import read_metadata, read_preprocess
 
     ds = load_dataset(dataset_root)
-    size = int(read_metadata(onnx_path)["input_size"])
+    recipe = read_preprocess(read_metadata(onnx_path))  # the pixels serving will feed it
     records = ds.split(split)
     if not records:
         raise ValueError(f"dataset {dataset_root} has no {split} parts to build a reference from")
-    images = np.stack([load_image(r.absolute_path, size).permute(1, 2, 0).numpy() for r in records])
+    images = np.stack([load_image(r.absolute_path, recipe).permute(1, 2, 0).numpy() for r in records])
     index = {c: i for i, c in enumerate(ds.classes)}
     profile = profile_from_images(
         images,

@@ -14,6 +14,14 @@ from rich.table import Table
 from kensa.cli.common import ExitCode, console, fail
 
 
+class FitChoice(StrEnum):
+    """How a photo becomes the square model input (``kensa.models.data.imageprep``)."""
+
+    LETTERBOX = "letterbox"
+    ROI = "roi"
+    SQUASH = "squash"
+
+
 class Device(StrEnum):
     """Where training runs (``TrainConfig.device``); under torchrun each rank takes its own GPU."""
 
@@ -33,12 +41,37 @@ def train_cmd(
     lr: Annotated[float, typer.Option("--lr")] = 2e-3,
     weights: Annotated[Path | None, typer.Option("--weights", help="Local pretrained weights file.")] = None,
     max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="Wall-clock budget.")] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            "--image-size",
+            help="Model input side in px: 32-384 (128-384 for real parts). Default: the dataset's own.",
+        ),
+    ] = None,
+    fit: Annotated[
+        FitChoice | None,
+        typer.Option(
+            "--fit",
+            help="letterbox: keep the aspect, pad with grey (default); roi: crop --roi first, then "
+            "letterbox; squash: stretch to a square (the old recipe).",
+        ),
+    ] = None,
+    roi: Annotated[
+        str | None,
+        typer.Option("--roi", help="Region of interest x0,y0,x1,y1 as fractions 0-1 (implies --fit roi)."),
+    ] = None,
 ) -> None:
     """Train a zoo model on an ingested dataset; writes RUN_DIR/checkpoint.pt."""
+    from kensa.models.data.imageprep import parse_roi
     from kensa.models.data.ingest import DatasetError
     from kensa.models.nets.zoo import UnknownModelError
     from kensa.models.train.trainer import TrainConfig, train
 
+    try:
+        box = parse_roi(roi)
+    except ValueError as exc:
+        raise fail(f"--roi: {exc}") from None
+    chosen = fit or (FitChoice.ROI if box is not None else FitChoice.LETTERBOX)
     config = TrainConfig(
         model=model,
         epochs=epochs,
@@ -49,6 +82,9 @@ def train_cmd(
         device=device.value,
         weights=str(weights) if weights else None,
         max_minutes=max_minutes,
+        image_size=image_size,
+        fit=chosen.value,
+        roi=box,
     )
     try:
         result = train(data, config, out)

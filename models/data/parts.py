@@ -5,20 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
+from kensa.models.data.imageprep import Preprocess, as_preprocess
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 
-def load_image(path: Path, image_size: int) -> torch.Tensor:
-    """Decode an image file to a uint8 tensor (3, S, S), resized the way serving resizes."""
+def load_image(path: Path, recipe: Preprocess | int) -> torch.Tensor:
+    """Decode an image file to a uint8 tensor (3, S, S) exactly as serving decodes a request.
+
+    ``recipe`` is the model's :class:`Preprocess`; a bare size means the legacy square resize.
+    """
     with Image.open(path) as opened:
-        rgb = opened.convert("RGB")
-    if rgb.size != (image_size, image_size):
-        rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    arr = np.asarray(rgb, dtype=np.uint8)
+        arr = as_preprocess(recipe).prepare(opened)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -51,18 +51,20 @@ class PartImages(Dataset[tuple[torch.Tensor, int]]):
         self,
         paths: Sequence[Path],
         labels: Sequence[int],
-        image_size: int,
+        recipe: Preprocess | int,
         transform: v2.Transform | None = None,
     ) -> None:
         if len(paths) != len(labels):
             msg = f"{len(paths)} paths but {len(labels)} labels"
             raise ValueError(msg)
-        self.image_size = image_size
+        self.preprocess = as_preprocess(recipe)
+        self.image_size = self.preprocess.size
         self.labels = torch.tensor(list(labels), dtype=torch.long)
+        size = self.image_size
         self.images = (
-            torch.stack([load_image(p, image_size) for p in paths])
+            torch.stack([load_image(p, self.preprocess) for p in paths])
             if paths
-            else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
+            else torch.empty(0, 3, size, size, dtype=torch.uint8)
         )
         self.transform = transform
 

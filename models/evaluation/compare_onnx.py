@@ -18,7 +18,7 @@ from kensa.models.data.ingest import DatasetVersion
 from kensa.models.evaluation.evaluate_run import SEVERITIES, robustness_report
 from kensa.models.evaluation.qc import qc_metrics
 from kensa.models.evaluation.thresholds import BandResult
-from kensa.models.onnx.contract import read_metadata
+from kensa.models.onnx.contract import read_metadata, read_preprocess
 from kensa.models.onnx.export import cpu_session, run_onnx
 from kensa.models.train.trainer import split_tensors
 from matplotlib.figure import Figure
@@ -95,7 +95,7 @@ def _row(
     def predict(images: torch.Tensor) -> np.ndarray:
         return run_onnx(sess, images.permute(0, 2, 3, 1).contiguous().numpy())
 
-    test = split_tensors(ds, "test", size)
+    test = split_tensors(ds, "test", read_preprocess(meta))  # decoded as serving decodes for it
     labels = test.labels.numpy()
     clean = qc_metrics(predict(test.images), labels, classes, band.t_ok, band.t_defect)
     # The same seeded subset evaluate_predictor corrupts, so these match the recorded evaluation.

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from kensa.models.data.imageprep import Preprocess, preprocess_from_config
 from kensa.models.data.ingest import DatasetVersion, load_dataset
 from kensa.models.evaluation.corruptions import apply_corruption, corruption_names
 from kensa.models.evaluation.plots import (
@@ -135,7 +136,7 @@ def evaluate_predictor(
     ds: DatasetVersion,
     run_dir: Path,
     *,
-    input_size: int,
+    input_size: Preprocess | int,
     model_name: str,
     trained_on_dataset_version: str | None = None,
     corruptions: bool = False,
@@ -149,6 +150,7 @@ def evaluate_predictor(
     The one QC evaluation every model goes through (a kensa run, a data scientist's own module, a
     foreign ONNX graph): calibrate the band, measure the test split, plot, and optionally run the
     corruption suite. Writes ``band.json``, ``metrics.json`` and PNGs under ``run_dir/plots``.
+    ``input_size`` is the model's image recipe (a bare size means the legacy square resize).
     """
     policy = policy or BandPolicy()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +250,7 @@ def evaluate_run(
         predict,
         ds,
         run_dir,
-        input_size=loaded.input_size,
+        input_size=preprocess_from_config(loaded.config, loaded.input_size),
         model_name=loaded.model_name,
         trained_on_dataset_version=loaded.dataset_version,
         corruptions=corruptions,

@@ -2,7 +2,7 @@
 
 Retraining uses it to put the candidate beside the champion on the old test set and on recently
 reviewed parts (sets that are not a dataset split). Each model runs as serving runs it (its ONNX
-file, its input size, its thresholds), so the figures are what the line would see.
+file, its image recipe, its thresholds), so the figures are what the line would see.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from kensa.models.data.imageprep import Preprocess
 from kensa.models.data.parts import load_image
 from kensa.models.evaluation.qc import qc_metrics
-from kensa.models.onnx.contract import read_metadata
+from kensa.models.onnx.contract import read_metadata, read_preprocess
 from kensa.models.onnx.export import cpu_session, run_onnx
 
 HEADLINE: tuple[str, ...] = (
@@ -41,11 +42,11 @@ class EvalSet:
             raise ValueError(f"{self.name}: {len(self.paths)} images but {len(self.labels)} labels")
 
 
-def _pixels(paths: Sequence[Path], size: int) -> np.ndarray:
-    """NHWC uint8, decoded and resized the way serving does."""
+def _pixels(paths: Sequence[Path], recipe: Preprocess) -> np.ndarray:
+    """NHWC uint8, decoded with the model's recipe exactly as serving decodes."""
     if not paths:
-        return np.zeros((0, size, size, 3), np.uint8)
-    return np.stack([load_image(p, size).permute(1, 2, 0).numpy() for p in paths])
+        return np.zeros((0, recipe.size, recipe.size, 3), np.uint8)
+    return np.stack([load_image(p, recipe).permute(1, 2, 0).numpy() for p in paths])
 
 
 def score_model(onnx_path: Path, images: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
@@ -68,11 +69,11 @@ def judge_side_by_side(models: Mapping[str, Path], sets: Sequence[EvalSet]) -> d
     "delta": {model: {metric: value - first model's}}}}``.
     """
     names = list(models)
-    sizes = {name: int(read_metadata(path)["input_size"]) for name, path in models.items()}
+    recipes = {name: read_preprocess(read_metadata(path)) for name, path in models.items()}
     out: dict[str, Any] = {}
     for s in sets:
-        decoded = {size: _pixels(s.paths, size) for size in set(sizes.values())}
-        scores = {name: score_model(path, decoded[sizes[name]], s.labels) for name, path in models.items()}
+        decoded = {recipe: _pixels(s.paths, recipe) for recipe in set(recipes.values())}
+        scores = {name: score_model(path, decoded[recipes[name]], s.labels) for name, path in models.items()}
         first = scores[names[0]]
         out[s.name] = {
             "n": len(s.paths),

@@ -14,12 +14,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from kensa.models.data.imageprep import preprocess_from_config
 from kensa.models.data.ingest import load_dataset
 from kensa.models.evaluation.qc import defect_scores, qc_metrics, verdicts
 from kensa.models.nets.zoo import QCNet
 from kensa.models.onnx.contract import (  # noqa: F401 - re-exported: the export side of the contract
     PARITY_SAMPLE_SEED,
     PARITY_SAMPLE_SHAPE,
+    PREPROCESS_KEY,
     parity_sample_images,
     read_metadata,
     sha256_file,
@@ -313,9 +315,10 @@ def export_loaded(
     """
     ds = load_dataset(loaded.dataset_root)
     size = loaded.input_size
-    train_imgs = split_tensors(ds, "train", size).images[:1024]
-    calib = split_tensors(ds, "calibration", size)
-    test = split_tensors(ds, "test", size)
+    recipe = preprocess_from_config(loaded.config, size)  # the pixels the model was trained on
+    train_imgs = split_tensors(ds, "train", recipe).images[:1024]
+    calib = split_tensors(ds, "calibration", recipe)
+    test = split_tensors(ds, "test", recipe)
     pca = fit_pca(loaded.model, train_imgs)
     metadata = build_metadata(loaded, band, pca_dims=int(pca[1].shape[0]))
     metadata["parity_sample"] = parity_sample_metadata(loaded.model, size)
@@ -374,4 +377,6 @@ def build_metadata(loaded: LoadedModel, band: dict[str, Any], pca_dims: int) -> 
         "training_config": loaded.config,
         "code_version": __version__,
         "feature_dims": pca_dims,
+        # Serving decodes every request with this recipe: the one the training images went through.
+        PREPROCESS_KEY: preprocess_from_config(loaded.config, loaded.input_size).to_dict(),
     }

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from kensa.models.data.imageprep import MAX_SIZE, Box, Fit, Preprocess, check_image_size
 from kensa.models.data.ingest import DatasetVersion, ImageRecord, load_dataset
 from kensa.models.data.parts import PartImages, train_augmentations
 from kensa.models.data.splits import SplitItem, carve_validation
@@ -48,6 +49,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     image_size: int | None = None  # None = the dataset's own size
+    # How a photo becomes the square input (kensa.models.data.imageprep): aspect kept by default.
+    fit: Fit = "letterbox"
+    roi: Box | None = None  # (x0, y0, x1, y1) fractions of the image, with fit "roi"
     # Share of the training split's parts held out to choose the best epoch (and stop early).
     validation_fraction: float = 0.15
     # Epochs without validation-loss improvement before stopping; None runs the whole schedule.
@@ -62,7 +66,14 @@ class TrainConfig:
     optimizer: str = "adamw"  # "adamw" or "sgd" (Nesterov momentum 0.9)
     label_smoothing: float = 0.0
 
+    def preprocess(self, image_size: int) -> Preprocess:
+        """The image recipe of this run at ``image_size``; serving decodes with the same one."""
+        return Preprocess(image_size, self.fit, self.roi)
+
     def validate(self) -> None:
+        if self.image_size is not None:
+            check_image_size(self.image_size)
+        self.preprocess(self.image_size or MAX_SIZE)  # fit and roi, before any data is read
         if not 0 < self.fraction <= 1:
             msg = f"fraction must be in (0, 1], got {self.fraction}"
             raise ValueError(msg)
@@ -145,7 +156,9 @@ def distributed(device: str) -> Iterator[DistInfo]:
         dist.destroy_process_group()
 
 
-def split_tensors(ds: DatasetVersion, split: str, image_size: int, augment: bool = False) -> PartImages:
+def split_tensors(
+    ds: DatasetVersion, split: str, image_size: Preprocess | int, augment: bool = False
+) -> PartImages:
     """A split of a dataset version as in-memory tensors, labels indexed by ``ds.classes``."""
     return record_tensors(ds, ds.split(split), image_size, augment)
 
@@ -165,7 +178,7 @@ def training_and_validation(
 
 
 def record_tensors(
-    ds: DatasetVersion, records: Sequence[ImageRecord], image_size: int, augment: bool = False
+    ds: DatasetVersion, records: Sequence[ImageRecord], image_size: Preprocess | int, augment: bool = False
 ) -> PartImages:
     """Images of a dataset version as in-memory tensors, labels indexed by ``ds.classes``."""
     index = {c: i for i, c in enumerate(ds.classes)}
@@ -241,8 +254,8 @@ def train(data_root: Path, config: TrainConfig, out_dir: Path, show_progress: bo
         seed_everything(config.seed)
         device = f"cuda:{info.local_rank}" if config.device == "cuda" else "cpu"
         train_records, val_records = training_and_validation(ds, config.validation_fraction, config.seed)
-        train_full = record_tensors(ds, train_records, image_size, augment=config.augment)
-        val = record_tensors(ds, val_records, image_size)
+        train_full = record_tensors(ds, train_records, config.preprocess(image_size), augment=config.augment)
+        val = record_tensors(ds, val_records, config.preprocess(image_size))
         train_data = _subset(train_full, config.fraction, config.seed)
 
         model: nn.Module = build_model(

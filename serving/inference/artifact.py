@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 import onnx
+from kensa.models.data.imageprep import Preprocess
 from kensa.models.evaluation.qc import OK, verdicts
-from kensa.models.onnx.contract import decode_metadata, parity_images
+from kensa.models.onnx.contract import decode_metadata, parity_images, read_preprocess
 from kensa.models.onnx.contract import sha256_file as file_sha256
 
 
@@ -50,6 +51,7 @@ class ModelSpec:
     architecture: str
     parity: ParitySample
     metadata: dict[str, Any]
+    preprocess: Preprocess  # how requests are decoded: the recipe the model was trained with
 
 
 def _number(thresholds: dict[str, Any], key: str) -> float:
@@ -84,6 +86,10 @@ def read_spec(proto: onnx.ModelProto) -> ModelSpec:
             "metadata",
             f"parity_sample.probs has shape {probs.shape}, expected {(parity.n, len(classes))}",
         )
+    try:
+        preprocess = read_preprocess(meta)
+    except ValueError as exc:
+        raise ModelRefused("metadata", str(exc)) from exc
     return ModelSpec(
         classes=tuple(str(c) for c in classes),
         input_size=size,
@@ -93,6 +99,7 @@ def read_spec(proto: onnx.ModelProto) -> ModelSpec:
         architecture=str(meta.get("model_name", "unknown")),
         parity=parity,
         metadata=meta,
+        preprocess=preprocess,
     )
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from kensa.models.data.imageprep import Preprocess
 from kensa.serving.errors import ApiError
 from kensa.serving.inference.decode import DecodedImage
 from kensa.serving.inference.engine import ServedModel
@@ -40,9 +41,10 @@ class Job:
     """One image waiting for a verdict. ``state`` changes only on the event loop."""
 
     image: DecodedImage
-    # Re-makes the pixels at another input size, for a job queued across a swap to a model
-    # with a different input size (rare; decoding again from the original bytes keeps quality).
-    resize: Callable[[int], np.ndarray]
+    # Re-makes the pixels with another recipe, for a job queued across a swap to a model with a
+    # different input size or preprocessing (rare; decoding again from the original bytes
+    # keeps quality).
+    resize: Callable[[Preprocess], np.ndarray]
     context: Any
     received: float  # perf_counter() when the request arrived
     future: asyncio.Future[Any]
@@ -209,8 +211,13 @@ class Batcher:
 
 
 def _infer(model: ServedModel, batch: list[Job]) -> tuple[np.ndarray, np.ndarray]:
-    size = model.spec.input_size
-    images = np.stack(
-        [job.image.pixels if job.image.pixels.shape[0] == size else job.resize(size) for job in batch]
-    )
+    recipe = model.spec.preprocess
+    images = np.stack([job.image.pixels if _fits(job.image, recipe) else job.resize(recipe) for job in batch])
     return model.run(images)
+
+
+def _fits(image: DecodedImage, recipe: Preprocess) -> bool:
+    """Whether ``image``'s pixels are what ``recipe`` makes (a raw tensor: only its size counts)."""
+    if image.pixels.shape[0] != recipe.size:
+        return False
+    return image.recipe is None or image.recipe == recipe

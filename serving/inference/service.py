@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from kensa.models.data.imageprep import Preprocess
 from kensa.models.evaluation.qc import verdicts
 from kensa.serving.errors import ApiError
 from kensa.serving.inference.batcher import QUEUED, Batcher, BatchResult, Job
@@ -118,12 +119,7 @@ class InspectionService:
         image i of several; so one HTTP request makes one call here.
         """
         if self.models.current is None:
-            raise ApiError(
-                503,
-                "no_model",
-                "no verified model is loaded yet; retry shortly",
-                headers={"Retry-After": "5"},
-            )
+            raise _no_model()
         # Admission: at most queue_size images in decode or queue at once; beyond that, 503 now.
         if self._in_flight + len(images) > self.settings.queue_size:
             raise ApiError(
@@ -208,8 +204,11 @@ class InspectionService:
         self, image: ImageInput, part: PartInfo, key: str | None, rid: str, received: float
     ) -> Answer:
         loop = asyncio.get_running_loop()
-        size = self.models.current.spec.input_size if self.models.current else 0
-        decoded = await loop.run_in_executor(self._decode_pool, self._decode, image, size)
+        current = self.models.current
+        if current is None:
+            raise _no_model()
+        # The model's own recipe (its ONNX metadata): the pixels it was trained on.
+        decoded = await loop.run_in_executor(self._decode_pool, self._decode, image, current.spec.preprocess)
         future: asyncio.Future[Answer] = loop.create_future()
         context = _Context(rid, key, part, image, context_fields())
         job = Job(decoded, _resizer(image, self.settings.max_pixels), context, received, future)
@@ -222,10 +221,10 @@ class InspectionService:
                 job.state = "cancelled"
             raise
 
-    def _decode(self, image: ImageInput, size: int) -> DecodedImage:
+    def _decode(self, image: ImageInput, recipe: Preprocess) -> DecodedImage:
         if image.pixels is not None:
             return tensor_image(image.pixels)
-        return decode_image(image.data or b"", size, self.settings.max_pixels)
+        return decode_image(image.data or b"", recipe, self.settings.max_pixels)
 
     async def _finish(self, result: BatchResult) -> None:
         """Build the rows of a batch, commit them in one transaction, then answer its requests."""
@@ -324,14 +323,25 @@ def _replay(answer: Answer, sha: str, key: str) -> Answer:
     return dataclasses.replace(answer, replayed=True)
 
 
-def _resizer(image: ImageInput, max_pixels: int) -> Callable[[int], np.ndarray]:
-    def resize(size: int) -> np.ndarray:
+def _no_model() -> ApiError:
+    return ApiError(
+        503,
+        "no_model",
+        "no verified model is loaded yet; retry shortly",
+        headers={"Retry-After": "5"},
+    )
+
+
+def _resizer(image: ImageInput, max_pixels: int) -> Callable[[Preprocess], np.ndarray]:
+    def resize(recipe: Preprocess) -> np.ndarray:
         if image.pixels is not None:
             from PIL import Image
 
+            # A raw tensor is already a model input: only its size changes, never its framing.
             pil = Image.fromarray(np.ascontiguousarray(image.pixels, dtype=np.uint8), "RGB")
+            size = recipe.size
             return np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
-        return decode_image(image.data or b"", size, max_pixels).pixels
+        return decode_image(image.data or b"", recipe, max_pixels).pixels
 
     return resize
 

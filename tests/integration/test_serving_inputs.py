@@ -4,15 +4,17 @@ over the OpenAPI spec finds no 5xx. One real ``kensa serve`` on 127.0.0.1."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from serving_helpers import SIZE, Api, encode, serve_api
+from serving_helpers import CLASSES, SIZE, Api, Server, encode, make_keys, serve_api
 
 pytestmark = pytest.mark.integration
 
@@ -204,6 +206,93 @@ def test_bad_inputs_get_4xx_json_naming_the_problem_and_log_nothing(api: Api) ->
         assert "Traceback" not in text and "/work/" not in text and ".py" not in text
     assert not failures, "\n".join(failures)
     assert api.count() == before  # not one prediction row from a bad input
+
+
+# ---------------------------------------------------------------- the model's own image recipe
+
+RECIPE_SIZE = 128
+
+
+def _letterbox_model(path: Path) -> Path:
+    """A tiny torch model exported the way kensa exports a run, its recipe (letterbox) recorded.
+
+    Its logits are a random linear map of every input pixel, so any pixel serving decodes
+    differently from training moves its probabilities.
+    """
+    import torch
+    from kensa.models.onnx.export import build_metadata, export_onnx_file, parity_sample_metadata
+    from kensa.models.train.trainer import LoadedModel, TrainConfig
+    from torch import nn
+
+    torch.manual_seed(0)
+    n_in = 3 * RECIPE_SIZE * RECIPE_SIZE
+    net = nn.Sequential(nn.Flatten(), nn.Linear(n_in, len(CLASSES))).eval()
+    with torch.no_grad():
+        net[1].weight.normal_(0.0, 3.0 / n_in**0.5)
+        net[1].bias.zero_()
+    config = vars(TrainConfig(image_size=RECIPE_SIZE))  # the default recipe: letterbox
+    loaded = LoadedModel(net, "tiny-linear", list(CLASSES), RECIPE_SIZE, config, "test", path.parent, {})
+    metadata = build_metadata(loaded, {"t_ok": 0.3, "t_defect": 0.7}, pca_dims=len(CLASSES))
+    metadata["parity_sample"] = parity_sample_metadata(net, RECIPE_SIZE)
+    pca = (torch.zeros(len(CLASSES)), torch.eye(len(CLASSES)))
+    return export_onnx_file(net, RECIPE_SIZE, path, metadata, pca)
+
+
+def _photo_jpeg() -> bytes:
+    """A 300 × 180 part photo (non-square, textured), JPEG quality 90."""
+    from PIL import Image, ImageDraw
+
+    yy, xx = np.mgrid[0:180, 0:300]
+    base = np.stack([(xx * 7) % 256, (yy * 5) % 256, ((xx + yy) * 3) % 256], axis=2).astype(np.uint8)
+    img = Image.fromarray(base // 2 + 40, "RGB")
+    ImageDraw.Draw(img).ellipse((105, 45, 195, 135), fill=(250, 250, 250))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_a_served_model_sees_exactly_the_pixels_training_saw(tmp_path: Path) -> None:
+    """A JPEG request gets the probabilities of the ONNX model on the training-path pixels."""
+    import onnxruntime as ort
+    from kensa.models.data.imageprep import Preprocess
+    from kensa.models.data.parts import load_image
+    from kensa.models.onnx.contract import read_metadata, read_preprocess
+    from PIL import Image
+
+    model = _letterbox_model(tmp_path / "letterbox.onnx")
+    recipe = read_preprocess(read_metadata(model))
+    assert recipe == Preprocess(RECIPE_SIZE, "letterbox")
+    jpeg = _photo_jpeg()
+    part = tmp_path / "part.jpg"
+    part.write_bytes(jpeg)
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+
+    def probs(pixels: np.ndarray) -> np.ndarray:
+        return np.asarray(sess.run(["probs"], {"images": pixels[None]})[0][0], dtype=np.float64)
+
+    want = probs(load_image(part, recipe).permute(1, 2, 0).numpy())  # kensa's training path
+    # The pixels other recipes would give move the probabilities far more than the tolerance,
+    # so agreement below means serving decoded exactly as training did.
+    squashed = probs(load_image(part, RECIPE_SIZE).permute(1, 2, 0).numpy())
+    undrafted = probs(recipe.prepare(Image.open(io.BytesIO(jpeg)).convert("RGB")))
+    assert np.abs(squashed - want).max() > 1e-3 and np.abs(undrafted - want).max() > 1e-4
+
+    url = f"sqlite:///{tmp_path / 'kensa.db'}"
+    keys = make_keys(url, ["line"])
+    server = Server(tmp_path, url, model=model, env={"KENSA_SAMPLE_RATE": "0"}).start()
+    try:
+        r = httpx.post(
+            f"{server.base}/v1/inspect",
+            content=jpeg,
+            headers={"Authorization": f"Bearer {keys['line']}", "content-type": "image/jpeg"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        got = np.array([r.json()["probs"][c] for c in CLASSES])
+        assert np.abs(got - want).max() < 1e-5, (got, want)
+    finally:
+        assert server.stop() in (0, -15), server.log()[-2000:]
+    assert "Traceback" not in server.log()
 
 
 # ---------------------------------------------------------------- schemathesis: no 5xx anywhere
