@@ -70,7 +70,9 @@ def log_outcome(client: MlflowClient, run_id: str, outcome: StageOutcome) -> Non
                     "automation_rate",
                     "accuracy",
                     "error",
+                    "defect_auroc",
                 )
+                if outcome.metrics.get(k) is not None
             },
             "robustness": {
                 k: outcome.metrics["robustness"][k]

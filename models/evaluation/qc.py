@@ -71,12 +71,26 @@ def qc_metrics(
         "automation_rate": float((~review).mean()) if n else 0.0,
         "review_rate": float(review.mean()) if n else 0.0,
         "accuracy": float((pred == labels).mean()) if n else 0.0,
+        "defect_auroc": defect_auroc(defect_scores(probs, classes), defective) if n else None,
         "error": float((pred != labels).mean()) if n else 0.0,
         "per_class_recall": per_class_recall,
         "defect_catch_rate": catch_rate,
         "confusion_matrix": cm.tolist(),
         "verdict_counts": {v: int((verdict == v).sum()) for v in ("ok", "defect", "review")},
     }
+
+
+def defect_auroc(scores: np.ndarray, defective: np.ndarray) -> float | None:
+    """Defect-vs-good AUROC of a score: the chance a defective part scores above a good one (ties
+    count half). Threshold-free, so it compares models before any band is set. None without both."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(defective, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))  # average ranks: ties count half
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def _rate(hits: np.ndarray, base: np.ndarray) -> float:

@@ -52,3 +52,14 @@ def test_curve_trades_escapes_for_automation() -> None:
     assert curve["automation_rate"][0] <= curve["automation_rate"][-1] == 1.0
     assert curve["escape_rate"][-1] == 1.0
     assert all(np.diff(curve["escape_rate"]) >= 0)
+
+
+def test_defect_auroc_is_the_rank_probability_with_ties_half() -> None:
+    from kensa.models.evaluation.qc import defect_auroc
+
+    assert defect_auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert defect_auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
+    assert defect_auroc(np.array([0.5, 0.5]), np.array([0, 1])) == 0.5
+    # 3 of 4 (defective, good) pairs ordered right.
+    assert defect_auroc(np.array([0.1, 0.6, 0.5, 0.9]), np.array([0, 0, 1, 1])) == 0.75
+    assert defect_auroc(np.array([0.1, 0.2]), np.array([0, 0])) is None
