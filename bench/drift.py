@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from kensa.monitoring.features import FeatureTable
-from kensa.monitoring.policy import DriftPolicy, calibrate
-from kensa.monitoring.report import column_scores
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from bench.drift_streams import ROOT, SHIFTS, prepare_model, render_stream
+from kensa.monitoring.features import FeatureTable
+from kensa.monitoring.policy import DriftPolicy, calibrate
+from kensa.monitoring.report import column_scores
 
 HORIZON = 600
 PLOT = Path("docs/images/drift_delay.png")
@@ -182,6 +182,7 @@ def time_windows(
     """Seconds to evaluate one window: kensa's policy, Evidently's tests, Evidently's full report."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
+
     from kensa.monitoring.report import frame
 
     views = [clean.take(slice(i * window, (i + 1) * window)) for i in range(20)]

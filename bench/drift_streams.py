@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from kensa.monitoring.features import FeatureTable, build_table, image_stats
 from kensa.monitoring.reference import ReferenceProfile, build_reference, load_reference
-
 from kensa.settings import DEFAULT_CLASSES, Settings
 
 ROOT = Path(".kensa/bench/drift")
@@ -106,6 +106,7 @@ def render_stream(
 ) -> Stream:
     """Features of ``n`` parts of the line under ``overrides`` (cached by conditions and seed)."""
     import onnxruntime as ort
+
     from kensa.models.line.synthetic import LineConditions, iter_parts
 
     conditions = {**BASE, **overrides}

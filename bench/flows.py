@@ -33,7 +33,6 @@ def main() -> None:
     from kensa.models.evaluation.evaluate_run import BandPolicy
     from kensa.models.line.synthetic import generate_dataset
     from kensa.models.train.trainer import TrainConfig
-
     from kensa.settings import Settings
 
     data = tmp / "line"

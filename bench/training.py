@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+
 from kensa.models.nets.zoo import build_model, count_parameters, model_names
 from kensa.models.onnx.export import ExportGraph, export_onnx_file, working_providers
 from kensa.models.train.trainer import measure_train_throughput

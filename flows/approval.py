@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from kensa.flows.config import Approval
-from kensa.flows.register import ApprovalError, approve, reject
 from prefect import get_run_logger
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
+from kensa.flows.config import Approval
+from kensa.flows.register import ApprovalError, approve, reject
 from kensa.settings import Settings
 
 

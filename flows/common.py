@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
+
 from kensa.flows.compute import device_hours
 from kensa.flows.config import ProjectConfig, load_project_config
 from kensa.flows.ledger import LedgerLine, record_cost
 from kensa.flows.stages import StageOutcome
 from kensa.flows.tracking import configure_mlflow, ensure_experiment, flat_metrics
 from kensa.models.evaluation.evaluate_run import BandPolicy
-from mlflow.tracking import MlflowClient
-
 from kensa.settings import Settings
 
 EXPERIMENT = "kensa"

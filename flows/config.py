@@ -6,10 +6,10 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from kensa.governance.approvals import Approval
-from kensa.models.data.imageprep import MAX_SIZE, Box, Fit, Preprocess, check_image_size
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kensa.governance.approvals import Approval
+from kensa.models.data.imageprep import MAX_SIZE, Box, Fit, Preprocess, check_image_size
 from kensa.settings import DEFAULT_CLASSES
 
 

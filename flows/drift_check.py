@@ -16,15 +16,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from kensa.monitoring.alerts import SYSTEM_ACTOR, escalate_overdue, retry_failed_webhooks
-from kensa.monitoring.drift import CheckOptions, CheckOutcome, ReferenceLookup, check_drift
-from kensa.monitoring.reference import fetch_reference, load_reference
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from kensa.monitoring.alerts import SYSTEM_ACTOR, escalate_overdue, retry_failed_webhooks
+from kensa.monitoring.drift import CheckOptions, CheckOutcome, ReferenceLookup, check_drift
+from kensa.monitoring.reference import fetch_reference, load_reference
 from kensa.settings import Settings
 from kensa.store.audit import append_event
 from kensa.store.connect import open_store
@@ -59,6 +59,7 @@ def archive_reports(settings: Settings, reports: list[str]) -> dict[str, str]:
     if not reports or not settings.mlflow_tracking_uri:
         return {}
     import mlflow
+
     from kensa.flows.tracking import configure_mlflow, ensure_experiment
 
     configure_mlflow(settings)

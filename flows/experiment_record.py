@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.tracking import MlflowClient
+
 from kensa.flows.choose import tco
 from kensa.flows.common import EXPERIMENT, FlowContext, planned_parts_millions, serving_cost_per_million
 from kensa.flows.config import ProjectConfig
@@ -27,8 +29,6 @@ from kensa.models.data.ingest import DatasetVersion
 from kensa.models.evaluation.assess_model import Assessment, EvalOptions
 from kensa.models.evaluation.evaluate_run import BandPolicy
 from kensa.models.onnx.export import PARITY_ATOL
-from mlflow.tracking import MlflowClient
-
 from kensa.registry import ALIAS_CHAMPION
 from kensa.settings import Settings
 

@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
 from kensa.flows.common import FlowContext, flow_context, record_stage_cost
 from kensa.flows.compute import check_budget, estimate_training
 from kensa.flows.distributed import processes_for
@@ -18,9 +22,6 @@ from kensa.flows.tasks import log_outcome_task, stage_task
 from kensa.flows.tracking import log_dataset_input
 from kensa.models.data.ingest import load_dataset
 from kensa.models.train.trainer import TrainConfig, dataset_image_size, measure_train_throughput
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 
 @task(name="estimate-pilot-cost", cache_policy=NO_CACHE)

@@ -13,6 +13,11 @@ from typing import Any
 import mlflow
 import numpy as np
 import onnx
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Schema, TensorSpec
+
+from kensa import __version__
 from kensa.governance.approvals import (  # re-exported: flows call them from here
     TAG_PREVIOUS_CHAMPION,
     Approval,
@@ -24,11 +29,6 @@ from kensa.governance.approvals import (  # re-exported: flows call them from he
 )
 from kensa.models.onnx.export import read_metadata, sha256_file, working_providers
 from kensa.monitoring.reference import REFERENCE_ARTIFACT_DIR, REFERENCE_FILE, TAG_REFERENCE
-from mlflow.models import ModelSignature
-from mlflow.tracking import MlflowClient
-from mlflow.types.schema import Schema, TensorSpec
-
-from kensa import __version__
 from kensa.registry import (
     ALIAS_CANDIDATE,
     MODEL_ARTIFACT,

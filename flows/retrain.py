@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run as prefect_flow_run
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
 from kensa.flows.common import FlowContext, record_stage_cost
 from kensa.flows.config import load_project_config
 from kensa.flows.distributed import processes_for
@@ -32,12 +38,6 @@ from kensa.models.evaluation.side_by_side import (
     plot_side_by_side,
     side_by_side_markdown,
 )
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run as prefect_flow_run
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
 from kensa.settings import Settings
 
 log = logging.getLogger("kensa.flows.retrain")

@@ -9,14 +9,14 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import mlflow
+from mlflow.tracking import MlflowClient
+from sqlalchemy import select
+
 from kensa.models.data.ingest import load_dataset
 from kensa.models.data.reviewed import LabelledImage
 from kensa.models.data.validate import DatasetError
 from kensa.models.onnx.contract import read_metadata, sha256_file
 from kensa.models.train.trainer import TrainConfig
-from mlflow.tracking import MlflowClient
-from sqlalchemy import select
-
 from kensa.registry import ALIAS_CHAMPION, ONNX_FILE, TAG_DATASET_VERSION, TAG_SHA256
 from kensa.settings import Settings
 from kensa.store.connect import open_store

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from kensa.models.evaluation.evaluate_run import BandPolicy, evaluate_run
 from kensa.models.onnx.export import cpu_session, export_run
 from kensa.models.train.trainer import TrainConfig, TrainResult, train

@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
 from kensa.flows.choose import Trial, choose, tco
 from kensa.flows.common import (
     FlowContext,
@@ -35,10 +40,6 @@ from kensa.flows.tracking import log_dataset_input
 from kensa.models.data.ingest import load_dataset
 from kensa.models.evaluation.scaling import effective_robustness, fit_power_law
 from kensa.models.train.trainer import TrainConfig, dataset_image_size, measure_train_throughput
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
 
 @task(name="estimate-sweep-cost", cache_policy=NO_CACHE)

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
+
 from kensa.flows.choose import Trial
 from kensa.models.evaluation.scaling import PowerLaw
-from matplotlib.figure import Figure
 
 
 def _curve(ax: Any, fit: dict[str, Any], xs: list[float], colour: str, label: str) -> None:

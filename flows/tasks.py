@@ -11,16 +11,17 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from kensa.flows.common import log_outcome
-from kensa.flows.stages import StageOutcome, run_stage
-from kensa.models.data.ingest import load_dataset
-from kensa.models.evaluation.evaluate_run import BandPolicy
-from kensa.models.train.trainer import TrainConfig
 from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
+
+from kensa.flows.common import log_outcome
+from kensa.flows.stages import StageOutcome, run_stage
+from kensa.models.data.ingest import load_dataset
+from kensa.models.evaluation.evaluate_run import BandPolicy
+from kensa.models.train.trainer import TrainConfig
 
 # Where and how long a stage may run, not what it learns: left out of the cache key, as are the
 # output folder, the relative-CE reference (it only adds rCE to the metrics) and the process count.

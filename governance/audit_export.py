@@ -20,17 +20,17 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import mlflow
-from kensa.flows.tracking import configure_mlflow
-from kensa.governance import bundle as b
-from kensa.governance.modelcard import render_html, render_markdown
-from kensa.models.data.ingest import DATASET_FILE, compute_version
-from kensa.models.onnx.contract import decode_metadata
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sqlalchemy import select
 
 from kensa import __version__
+from kensa.flows.tracking import configure_mlflow
+from kensa.governance import bundle as b
+from kensa.governance.modelcard import render_html, render_markdown
+from kensa.models.data.ingest import DATASET_FILE, compute_version
+from kensa.models.onnx.contract import decode_metadata
 from kensa.registry import MODEL_ARTIFACT, ONNX_FILE, TAG_CODE_VERSION, TAG_DATASET_VERSION
 from kensa.settings import Settings
 from kensa.store.audit import GENESIS_HASH, append_event, head_hash

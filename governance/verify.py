@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kensa import __version__
 from kensa.governance import bundle as b
 from kensa.governance.modelcard import render_html, render_markdown
 from kensa.models.data.ingest import compute_version
 from kensa.models.evaluation.qc import verdicts
 from kensa.models.onnx.contract import decode_metadata, parity_images
-
-from kensa import __version__
 from kensa.registry import (
     ALIAS_CHAMPION,
     TAG_DATASET_VERSION,

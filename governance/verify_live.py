@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 
-from kensa.governance.bundle import CHAIN, ONNX, BundleView, read_optional, sha256_path
-from kensa.governance.verify import CheckFailed
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from kensa.governance.bundle import CHAIN, ONNX, BundleView, read_optional, sha256_path
+from kensa.governance.verify import CheckFailed
 from kensa.registry import TAG_DATASET_VERSION, TAG_KPI, TAG_REGISTERED_BY, TAG_SHA256, TAG_THRESHOLDS
 from kensa.settings import Settings
 from kensa.store.audit import verify_chain

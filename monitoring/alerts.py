@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from kensa.monitoring.escalation import deliver
 from sqlalchemy import Engine, event, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from kensa.monitoring.escalation import deliver
 from kensa.settings import Settings
 from kensa.store.audit import append_event
 from kensa.store.models import ALERT_KINDS, ALERT_LEVELS, ALERT_STATUSES, Alert, utcnow

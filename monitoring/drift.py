@@ -20,6 +20,9 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
 from kensa.monitoring.alerts import SYSTEM_ACTOR, find_active, open_alert, resolve
 from kensa.monitoring.estimate import Calibrator, estimate_window
 from kensa.monitoring.features import SCALAR_COLUMNS, FeatureTable, table_from_rows
@@ -37,9 +40,6 @@ from kensa.monitoring.windows import (
     merge_cameras,
     time_windows,
 )
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
-
 from kensa.settings import Settings
 from kensa.store.models import DriftResult, ReviewItem, utcnow
 

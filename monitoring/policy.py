@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from kensa.monitoring.features import SCALAR_COLUMNS, FeatureTable
 
 LEVELS: tuple[str, ...] = ("none", "warning", "critical")

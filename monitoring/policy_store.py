@@ -15,7 +15,6 @@ from pathlib import Path
 from kensa.monitoring.policy import DriftPolicy, calibrate, load_policy, save_policy
 from kensa.monitoring.reference import ReferenceProfile
 from kensa.monitoring.spc import PChart, calibrate_chart
-
 from kensa.settings import Settings
 
 log = logging.getLogger("kensa.monitoring.policy_store")

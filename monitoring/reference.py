@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+
 from kensa.monitoring.estimate import Calibrator, fit_calibrator
 from kensa.monitoring.features import SCALAR_COLUMNS, FeatureTable, build_table, image_stats
-
 from kensa.settings import Settings
 
 log = logging.getLogger("kensa.monitoring.reference")
@@ -152,6 +152,7 @@ def profile_from_images(
 ) -> ReferenceProfile:
     """Run the ONNX model on uint8 NHWC ``images`` and profile them (stats, probs, features)."""
     import onnxruntime as ort
+
     from kensa.models.onnx.contract import read_metadata
 
     meta = read_metadata(onnx_path)

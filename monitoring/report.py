@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from kensa.monitoring.features import SCALAR_COLUMNS, FeatureTable
 
 log = logging.getLogger("kensa.monitoring.report")

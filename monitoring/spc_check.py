@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from sqlalchemy.orm import Session
+
 from kensa.monitoring.alerts import SYSTEM_ACTOR, find_active, open_alert, resolve
 from kensa.monitoring.policy_store import PolicyStore
 from kensa.monitoring.reference import ReferenceProfile
 from kensa.monitoring.spc import CHARTS, RuleHit
 from kensa.monitoring.windows import Group, recent_blocks
-from sqlalchemy.orm import Session
-
 from kensa.store.models import DriftResult
 
 _RANK = {"none": 0, "warning": 1, "critical": 2}

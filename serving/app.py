@@ -14,6 +14,13 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kensa import __version__
+from kensa.logs import REQUEST_ID_HEADER, bound, new_request_id
 from kensa.serving.console import mount_console
 from kensa.serving.errors import ApiError, error_body
 from kensa.serving.inference.predlog import ImageStore, PredictionLog
@@ -24,13 +31,6 @@ from kensa.serving.routes import admin, inspect, metrics, v2
 from kensa.serving.security.auth import AuthMiddleware, KeyCache, route_template
 from kensa.serving.security.limits import BodyLimitMiddleware
 from kensa.serving.state import ServingState
-from sqlalchemy.orm import Session, sessionmaker
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from kensa import __version__
-from kensa.logs import REQUEST_ID_HEADER, bound, new_request_id
 from kensa.settings import Settings
 from kensa.store.engine import make_engine, make_session_factory
 from kensa.store.migrate import upgrade

@@ -10,9 +10,9 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
-from kensa.serving.app import create_app
 
 from kensa.logs import configure_logging
+from kensa.serving.app import create_app
 from kensa.settings import Settings
 
 log = logging.getLogger("kensa.serving.server")

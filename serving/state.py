@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi import Request
+
 from kensa.serving.errors import ApiError
 from kensa.serving.inference.service import InspectionService
 from kensa.serving.inference.swap import ModelManager
 from kensa.serving.metrics import Metrics
 from kensa.serving.security.auth import Principal
-
 from kensa.settings import Settings
 
 # Longest accepted caller-supplied id (the store's columns are 255 characters).

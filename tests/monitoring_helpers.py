@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kensa.monitoring.features import FeatureTable, build_table
-from kensa.monitoring.reference import ReferenceProfile
 from sqlalchemy.orm import Session, sessionmaker
 
+from kensa.monitoring.features import FeatureTable, build_table
+from kensa.monitoring.reference import ReferenceProfile
 from kensa.store.models import Prediction, utcnow
 
 CLASSES = ("ok", "defect_a", "defect_b")

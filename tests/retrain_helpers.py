@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from kensa.models.line.stream import StreamPart
 
+from kensa.models.line.stream import StreamPart
 from kensa.settings import Settings
 from kensa.store.connect import open_store
 from kensa.store.models import Prediction, ReviewItem, utcnow

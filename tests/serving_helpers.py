@@ -146,10 +146,10 @@ def make_keys(store_url: str, roles: Iterable[str] = ROLES) -> dict[str, str]:
 def register(tracking_uri: str, name: str, onnx_path: Path, *, sha256: str | None = None) -> str:
     """Register ``onnx_path`` as flows do (log_model, sha256 tag of the file); its version."""
     import mlflow
-    from kensa.serving.inference.artifact import file_sha256
     from mlflow import MlflowClient
 
     from kensa.registry import MODEL_ARTIFACT, TAG_SHA256
+    from kensa.serving.inference.artifact import file_sha256
 
     # log_model works on MLflow's process-global URIs; restore them for the tests that follow.
     previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())

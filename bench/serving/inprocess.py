@@ -22,6 +22,7 @@ def build_model(arch: str, out: Path) -> Path:
     import onnx
     import onnxruntime as ort
     import torch
+
     from kensa.models.nets.zoo import build_model as zoo_model
     from kensa.models.onnx.export import export_onnx_file, parity_sample_images
 
@@ -80,6 +81,7 @@ def in_process_limit(model: Path, parts: list[bytes], seconds: float) -> dict[st
     * ``serving x2``: serving's options, two runs at once (what serving does for a heavy model).
     """
     import onnxruntime as ort
+
     from kensa.serving.inference.engine import cpu_threads
 
     pool = ThreadPoolExecutor(2)

@@ -29,7 +29,6 @@ from kensa.models.data.validate import (
     check_part_leaks,
     inspect_image,
 )
-
 from kensa.settings import Settings
 
 __all__ = [

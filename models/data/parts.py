@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from kensa.models.data.imageprep import Preprocess, as_preprocess
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
+
+from kensa.models.data.imageprep import Preprocess, as_preprocess
 
 
 def load_image(path: Path, recipe: Preprocess | int) -> torch.Tensor:

@@ -28,7 +28,6 @@ from kensa.models.data.ingest import (
     load_dataset,
 )
 from kensa.models.data.validate import DatasetError
-
 from kensa.settings import Settings
 
 ORIGIN = "origin"  # manifest column: "base" or "review"

@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from torch import nn
+
+from kensa import __version__
 from kensa.models.data.ingest import DatasetVersion
 from kensa.models.data.parts import load_image
 from kensa.models.evaluation.evaluate_run import BandPolicy, evaluate_predictor
@@ -37,9 +40,6 @@ from kensa.models.onnx.export import (
 )
 from kensa.models.onnx.foreign import IncompatibleModelError, inspect_onnx, load_onnx, session
 from kensa.models.train.trainer import LoadedModel, dataset_image_size, predict_probs, split_tensors
-from torch import nn
-
-from kensa import __version__
 
 ONNX_NAME = "model.onnx"
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+
 from kensa.models.data.ingest import DatasetVersion
 from kensa.models.evaluation.evaluate_run import SEVERITIES, robustness_report
 from kensa.models.evaluation.qc import qc_metrics
@@ -21,7 +23,6 @@ from kensa.models.evaluation.thresholds import BandResult
 from kensa.models.onnx.contract import read_metadata, read_preprocess
 from kensa.models.onnx.export import cpu_session, run_onnx
 from kensa.models.train.trainer import split_tensors
-from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.progress import Progress
+
 from kensa.models.data.imageprep import Preprocess, preprocess_from_config
 from kensa.models.data.ingest import DatasetVersion, load_dataset
 from kensa.models.evaluation.corruptions import apply_corruption, corruption_names
@@ -23,7 +25,6 @@ from kensa.models.evaluation.plots import (
 from kensa.models.evaluation.qc import defect_scores, escape_automation_curve, qc_metrics, sliced_metrics
 from kensa.models.evaluation.thresholds import BandResult, calibrate_band
 from kensa.models.train.trainer import load_checkpoint, predict_probs, split_tensors
-from rich.progress import Progress
 
 METRICS_NAME = "metrics.json"
 BAND_NAME = "band.json"

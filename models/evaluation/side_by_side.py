@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from kensa.models.data.imageprep import Preprocess
 from kensa.models.data.parts import load_image
 from kensa.models.evaluation.qc import qc_metrics

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+
 from kensa.models.line.conditions import (
     GENERATOR_VERSION,
     MANIFEST_COLUMNS,

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+
 from kensa.models.line.conditions import REFERENCE_SIZE
 from kensa.models.line.scene import _VARIANTS, Hole, _norm, _pick, _polyline_dist, _Scene, _sd_material
 

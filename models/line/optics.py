@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from kensa.models.line.conditions import REFERENCE_SIZE
 from scipy import ndimage
+
+from kensa.models.line.conditions import REFERENCE_SIZE
 
 # ---------------------------------------------------------------------------------------------
 # Shared per-size precomputation: pixel grid, vignetting and texture banks (fixed seed, cached).

@@ -12,6 +12,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+
 from kensa.models.line.conditions import (
     CAMERAS,
     CLASSES,

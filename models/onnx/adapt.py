@@ -15,9 +15,10 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import torch
-from kensa.models.onnx.foreign import IncompatibleModelError, OnnxSignature, session
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
+
+from kensa.models.onnx.foreign import IncompatibleModelError, OnnxSignature, session
 
 RESERVED = ("images", "probs", "features")
 SRC_INPUT = "kensa_src_input"

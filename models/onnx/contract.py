@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+
 from kensa.models.data.imageprep import LEGACY_FIT, Preprocess
 
 PARITY_SAMPLE_SEED = 1234

@@ -14,6 +14,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from torch import nn
+
+from kensa import __version__
 from kensa.models.data.imageprep import preprocess_from_config
 from kensa.models.data.ingest import load_dataset
 from kensa.models.evaluation.qc import defect_scores, qc_metrics, verdicts
@@ -27,9 +30,6 @@ from kensa.models.onnx.contract import (  # noqa: F401 - re-exported: the export
     sha256_file,
 )
 from kensa.models.train.trainer import LoadedModel, load_checkpoint, split_tensors
-from torch import nn
-
-from kensa import __version__
 
 OPSET = 17
 MAX_FEATURES = 32

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+
 from kensa.models.evaluation.qc import qc_metrics, verdicts
 
 
@@ -56,8 +57,9 @@ def make_fp16(
     tolerance: float,
 ) -> dict[str, Any]:
     """FP16 weights and activations (for GPU), uint8 input and FP32 outputs kept."""
-    from kensa.models.onnx.export import cpu_session, run_onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from kensa.models.onnx.export import cpu_session, run_onnx
 
     out = fp32.with_name(fp32.stem + ".fp16.onnx")
     proto = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
@@ -78,13 +80,14 @@ def make_int8(
     tolerance: float,
 ) -> dict[str, Any]:
     """Static INT8 (QDQ) quantisation calibrated on the calibration split (for CPU serving)."""
-    from kensa.models.onnx.export import cpu_session, run_onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
         QuantType,
         quantize_static,
     )
+
+    from kensa.models.onnx.export import cpu_session, run_onnx
 
     class Reader(CalibrationDataReader):
         def __init__(self, images: np.ndarray) -> None:

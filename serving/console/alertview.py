@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from kensa.serving.console.charts import BarChart, LineChart, hbars, run_chart
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from kensa.serving.console.charts import BarChart, LineChart, hbars, run_chart
 from kensa.store.models import Alert, DriftResult, Prediction
 
 SPC_WINDOWS = 30

@@ -8,18 +8,18 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
-from kensa.serving.console.context import Console, CurrentModel, RefreshChampion
-from kensa.serving.console.guard import ConsoleGuard, json_error, wants_html
-from kensa.serving.console.pages import alerts, line, models, review, signin
-from kensa.serving.console.session import SessionCodec
-from kensa.serving.console.web import STATIC_DIR, ConsoleError, Pages
-from kensa.serving.security.auth import CONSOLE_PREFIX
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Mount
 from starlette.types import Scope
 
+from kensa.serving.console.context import Console, CurrentModel, RefreshChampion
+from kensa.serving.console.guard import ConsoleGuard, json_error, wants_html
+from kensa.serving.console.pages import alerts, line, models, review, signin
+from kensa.serving.console.session import SessionCodec
+from kensa.serving.console.web import STATIC_DIR, ConsoleError, Pages
+from kensa.serving.security.auth import CONSOLE_PREFIX
 from kensa.settings import Settings
 
 log = logging.getLogger("kensa.serving.console")

@@ -8,9 +8,9 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
-from kensa.serving.console.web import Pages
 from sqlalchemy.orm import Session, sessionmaker
 
+from kensa.serving.console.web import Pages
 from kensa.settings import Settings
 
 if TYPE_CHECKING:

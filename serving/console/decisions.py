@@ -8,10 +8,10 @@ import tomllib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from kensa.governance import approvals
-from kensa.governance.approvals import Approval, ApprovalError
 from pydantic import ValidationError
 
+from kensa.governance import approvals
+from kensa.governance.approvals import Approval, ApprovalError
 from kensa.settings import Settings
 
 T = TypeVar("T")

@@ -14,6 +14,11 @@ from collections.abc import Callable
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, quote
 
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match, Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from kensa.serving.console.session import (
     COOKIE_NAME,
     CSRF_FIELD,
@@ -23,10 +28,6 @@ from kensa.serving.console.session import (
     key_is_active,
 )
 from kensa.serving.security.auth import CONSOLE_POLICY, CONSOLE_PREFIX, CONSOLE_PUBLIC
-from sqlalchemy.orm import Session, sessionmaker
-from starlette.responses import Response
-from starlette.routing import BaseRoute, Match, Mount
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("kensa.serving.console")
 

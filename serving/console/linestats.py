@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from kensa.serving.console.queue import LABEL_UNSURE, backlog
 from sqlalchemy import ColumnElement, Integer, cast, func, select
 from sqlalchemy.orm import Session
 
+from kensa.serving.console.queue import LABEL_UNSURE, backlog
 from kensa.store.models import Prediction, ReviewItem, utcnow
 
 WINDOWS_MIN: tuple[int, ...] = (15, 60, 480, 1440)

@@ -10,10 +10,10 @@ from typing import Any
 import jinja2
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
-from kensa.serving.console.session import CSRF_FIELD, ConsoleSession, ConsoleUser, SessionCodec
-from kensa.serving.security.auth import CONSOLE_PREFIX
 from starlette.responses import RedirectResponse, Response
 
+from kensa.serving.console.session import CSRF_FIELD, ConsoleSession, ConsoleUser, SessionCodec
+from kensa.serving.security.auth import CONSOLE_PREFIX
 from kensa.settings import Settings
 
 HERE = Path(__file__).parent

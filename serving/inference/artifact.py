@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+
 from kensa.models.data.imageprep import Preprocess
 from kensa.models.evaluation.qc import OK, verdicts
 from kensa.models.onnx.contract import decode_metadata, parity_images, read_preprocess

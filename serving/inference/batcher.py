@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from kensa.models.data.imageprep import Preprocess
 from kensa.serving.errors import ApiError
 from kensa.serving.inference.decode import DecodedImage

@@ -15,10 +15,11 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
+
 from kensa.models.data.imageprep import Preprocess, as_preprocess
 from kensa.serving.errors import ACCEPTED_FORMATS, ApiError
 from kensa.serving.inference.imagestats import image_stats
-from PIL import Image
 
 # Magic numbers of the formats we open, mapped to Pillow's format names.
 _MAGIC: tuple[tuple[bytes, str], ...] = (

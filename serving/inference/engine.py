@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from kensa.serving.inference.artifact import ModelRefused, ModelSpec, check_parity, load_and_check
 
+from kensa.serving.inference.artifact import ModelRefused, ModelSpec, check_parity, load_and_check
 from kensa.store.models import utcnow
 
 log = logging.getLogger("kensa.serving.engine")

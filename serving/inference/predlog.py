@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kensa.serving.errors import ApiError
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from kensa.serving.errors import ApiError
 from kensa.store.models import Prediction, ReviewItem, utcnow
 
 log = logging.getLogger("kensa.serving.predlog")

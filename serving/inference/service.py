@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from kensa.logs import context_fields, new_request_id, request_id
 from kensa.models.data.imageprep import Preprocess
 from kensa.models.evaluation.qc import verdicts
 from kensa.serving.errors import ApiError
@@ -27,8 +29,6 @@ from kensa.serving.inference.decode import (
 from kensa.serving.inference.predlog import Answer, PendingRow, PredictionLog, key_conflict
 from kensa.serving.inference.swap import ModelManager
 from kensa.serving.metrics import Metrics
-
-from kensa.logs import context_fields, new_request_id, request_id
 from kensa.settings import Settings
 
 log = logging.getLogger("kensa.serving.service")

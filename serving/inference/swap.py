@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from kensa.serving.inference.artifact import ModelRefused, file_sha256
-from kensa.serving.inference.engine import ServedModel, load_model
-from kensa.serving.metrics import Metrics
 from sqlalchemy.orm import Session, sessionmaker
 
 from kensa.registry import ALIAS_CHAMPION, ONNX_FILE, TAG_SHA256
+from kensa.serving.inference.artifact import ModelRefused, file_sha256
+from kensa.serving.inference.engine import ServedModel, load_model
+from kensa.serving.metrics import Metrics
 from kensa.store.audit import append_event
 from kensa.store.models import Alert
 

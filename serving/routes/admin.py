@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+
 from kensa.serving.errors import ApiError
 from kensa.serving.routes.schemas import ErrorBody, ModelInfo, ReloadResult
 from kensa.serving.state import principal, serving_state

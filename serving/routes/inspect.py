@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Header, Query, Request
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException
+
 from kensa.serving.errors import ACCEPTED_FORMATS, ApiError
 from kensa.serving.inference.predlog import describe
 from kensa.serving.inference.service import ImageInput, PartInfo
 from kensa.serving.routes.schemas import BatchResult, ErrorBody, InspectResult
 from kensa.serving.state import clean_id, serving_state
-from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartException
 
 router = APIRouter(tags=["inspect"])
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from kensa.serving.state import serving_state
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from kensa.serving.state import serving_state
 
 router = APIRouter(tags=["metrics"])
 

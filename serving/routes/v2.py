@@ -6,6 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
+
+from kensa import __version__
 from kensa.serving.errors import ApiError
 from kensa.serving.inference.engine import ServedModel
 from kensa.serving.inference.predlog import Answer
@@ -20,8 +22,6 @@ from kensa.serving.routes.schemas import (
 )
 from kensa.serving.routes.v2codec import INPUT_NAME, parse_infer
 from kensa.serving.state import clean_id, serving_state
-
-from kensa import __version__
 
 router = APIRouter(tags=["v2"])
 _ERRORS: dict[int | str, dict[str, Any]] = {

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from kensa.serving.errors import ApiError
 
 INPUT_NAME = "images"

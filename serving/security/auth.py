@@ -13,11 +13,11 @@ import logging
 import time
 from dataclasses import dataclass
 
-from kensa.serving.errors import send_error
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from kensa.serving.errors import send_error
 from kensa.store.keys import authenticate
 from kensa.store.models import ROLES
 

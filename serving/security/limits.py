@@ -7,8 +7,9 @@ on in one piece (an image must be whole before it can be decoded anyway).
 
 from __future__ import annotations
 
-from kensa.serving.errors import send_error
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kensa.serving.errors import send_error
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -68,8 +68,9 @@ def evaluate_and_tag(
 ) -> dict[str, float]:
     """Evaluate the version on labelled grey parts and record it as flows do: metrics on its run,
     kensa tags on the version, plots under ``plots/``."""
-    from kensa.models.evaluation.qc import defect_scores, escape_automation_curve, qc_metrics
     from mlflow import MlflowClient
+
+    from kensa.models.evaluation.qc import defect_scores, escape_automation_curve, qc_metrics
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     images, labels = grey_parts(240, seed=5)
@@ -129,8 +130,9 @@ def register_version(client: Any, onnx_path: Path, experiment_id: str) -> str:
     """Register ``onnx_path`` as a new version: the file under the run's ``model/`` artifacts
     (where serving's registry source finds it) and its SHA-256 tag. Leaner than
     ``mlflow.onnx.log_model`` (no environment capture), which keeps the scene quick to build."""
-    from kensa.serving.inference.artifact import file_sha256
     from mlflow.exceptions import MlflowException
+
+    from kensa.serving.inference.artifact import file_sha256
 
     run = client.create_run(experiment_id)
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,9 +23,9 @@ def evidently_report(scene: Scene) -> None:
     Evidently's data-drift report) for a window whose parts came out darker and flatter than the
     reference, as behind a dirty lens."""
     import numpy as np
+
     from kensa.monitoring.features import SCALAR_COLUMNS, FeatureTable
     from kensa.monitoring.report import write_report
-
     from kensa.store.models import Alert
 
     rng = np.random.default_rng(0)

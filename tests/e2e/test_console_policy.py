@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from kensa.serving.console.pages import alerts, line, models, review, signin
-from kensa.serving.security.auth import CONSOLE_POLICY, CONSOLE_PREFIX, CONSOLE_PUBLIC
 from serving_helpers import build_contract_model, make_keys
 from starlette.routing import Mount
 
+from kensa.serving.console.pages import alerts, line, models, review, signin
+from kensa.serving.security.auth import CONSOLE_POLICY, CONSOLE_PREFIX, CONSOLE_PUBLIC
 from kensa.settings import Settings
 from kensa.store.engine import make_engine, make_session_factory
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from kensa.governance import bundle as b
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from kensa.cli.common import get_settings
 from kensa.cli.main import app
+from kensa.governance import bundle as b
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -47,6 +47,7 @@ def _cli(*args: str) -> tuple[int, str]:
 def exported(tmp_path_factory: pytest.TempPathFactory, tiny_line: Path) -> Iterator[Exported]:
     """A version registered the way the sweep does it, approved by a second person, exported."""
     import mlflow
+
     from kensa.flows.common import EXPERIMENT, log_outcome
     from kensa.flows.register import register_candidate
     from kensa.flows.stages import run_stage
@@ -55,7 +56,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory, tiny_line: Path) -> Itera
     from kensa.models.data.ingest import load_dataset
     from kensa.models.evaluation.evaluate_run import BandPolicy
     from kensa.models.train.trainer import TrainConfig
-
     from kensa.settings import Settings
 
     tmp = tmp_path_factory.mktemp("audit")

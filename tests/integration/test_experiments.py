@@ -16,10 +16,6 @@ import pytest
 import torch
 import torchvision
 from config_helpers import LENIENT_KPI
-from kensa.flows.experiment_record import ExperimentResult
-from kensa.governance.approvals import Approval, ApprovalError, approve
-from kensa.models.data.ingest import load_dataset
-from kensa.models.nets.zoo import IMAGENET_MEAN, IMAGENET_STD
 from mlflow.tracking import MlflowClient
 from torch import nn
 from typer.testing import CliRunner
@@ -27,6 +23,10 @@ from typer.testing import CliRunner
 import kensa
 from kensa.cli.common import get_settings
 from kensa.cli.main import app
+from kensa.flows.experiment_record import ExperimentResult
+from kensa.governance.approvals import Approval, ApprovalError, approve
+from kensa.models.data.ingest import load_dataset
+from kensa.models.nets.zoo import IMAGENET_MEAN, IMAGENET_STD
 from kensa.registry import (
     ALIAS_CANDIDATE,
     ALIAS_CHAMPION,
@@ -246,6 +246,7 @@ def test_torchvision_onnx_is_wrapped_with_normalisation_inside_and_registered(
     env: Settings, onnx_version: str, champion: str, tiny_line: Path, tmp_path: Path
 ) -> None:
     import onnx
+
     from kensa.models.onnx.export import cpu_session, run_onnx
 
     client = MlflowClient()

@@ -6,11 +6,11 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from kensa.models.line.stream import StreamPlan, iter_stream
 from serving_helpers import Api, serve_api
 from typer.testing import CliRunner
 
 from kensa.cli.main import app
+from kensa.models.line.stream import StreamPlan, iter_stream
 
 pytestmark = [pytest.mark.integration]
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kensa.flows.drift_check import run_drift_check
 from monitoring_helpers import log_parts, make_parts, reference
 from sqlalchemy import func, select
 
+from kensa.flows.drift_check import run_drift_check
 from kensa.settings import Settings
 from kensa.store.audit import verify_chain
 from kensa.store.connect import open_store

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from config_helpers import LENIENT_KPI
-from kensa.models.line.stream import StreamPlan, parse_shifts
 from mlflow.tracking import MlflowClient
 from retrain_helpers import register_champion
 from serving_helpers import Server, make_keys
@@ -26,6 +25,7 @@ from sqlalchemy import func, select
 
 from kensa.cli.common import get_settings
 from kensa.cli.stream import StreamSummary, run_stream
+from kensa.models.line.stream import StreamPlan, parse_shifts
 from kensa.registry import ALIAS_CANDIDATE, ALIAS_CHAMPION, TAG_SOURCE
 from kensa.settings import Settings
 from kensa.store.connect import open_store

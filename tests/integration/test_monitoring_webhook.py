@@ -9,10 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from kensa.monitoring.alerts import escalate, get_alert, open_alert, retry_failed_webhooks
-from kensa.monitoring.escalation import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 from sqlalchemy import select
 
+from kensa.monitoring.alerts import escalate, get_alert, open_alert, retry_failed_webhooks
+from kensa.monitoring.escalation import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 from kensa.settings import Settings
 from kensa.store.audit import verify_chain
 from kensa.store.connect import open_store

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import yaml
-from kensa.flows.deploy import DeployConfigError, load_prefect_yaml
 from mlflow.tracking import MlflowClient
 from servers import (
     MODEL_NAME,
@@ -35,6 +34,7 @@ from servers import (
 )
 from sqlalchemy import select
 
+from kensa.flows.deploy import DeployConfigError, load_prefect_yaml
 from kensa.registry import ALIAS_CANDIDATE, ALIAS_CHAMPION, TAG_REGISTERED_BY, TAG_STATUS
 from kensa.settings import Settings
 from kensa.store.audit import verify_chain
@@ -322,8 +322,9 @@ def test_a_changed_prefect_yaml_updates_only_what_changed(
     deployed: Any,
     tmp_path: Path,
 ) -> None:
-    from kensa.flows.deploy import deploy
     from prefect.client.orchestration import get_client
+
+    from kensa.flows.deploy import deploy
 
     changed = tmp_path / "prefect.yaml"
     changed.write_text(
@@ -360,8 +361,9 @@ def test_retraining_is_started_through_its_deployment_when_the_server_has_it(
     deployed: Any,
     tmp_path: Path,
 ) -> None:
-    from kensa.flows.retrain import start_retraining
     from prefect.client.orchestration import get_client
+
+    from kensa.flows.retrain import start_retraining
 
     settings = Settings(data_dir=tmp_path / "kensa", prefect_api_url=prefect_api.url)
     flow_run_id = start_retraining(settings, alert_id=17, reason="critical drift on L1")

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 from config_helpers import LENIENT_KPI
-from kensa.models.data.ingest import load_dataset
-from kensa.models.line.stream import StreamPart, StreamPlan, iter_stream
 from mlflow.tracking import MlflowClient
 from retrain_helpers import queue_reviews, register_champion
 from sqlalchemy import select
 
 from kensa.cli.common import get_settings
+from kensa.models.data.ingest import load_dataset
+from kensa.models.line.stream import StreamPart, StreamPlan, iter_stream
 from kensa.registry import ALIAS_CANDIDATE, ALIAS_CHAMPION, TAG_SOURCE, TAG_STATUS
 from kensa.settings import Settings
 from kensa.store.connect import open_store
@@ -94,9 +94,10 @@ def prefect_api(prefect_harness: None) -> None:
 def test_retraining_registers_a_compared_candidate_and_leaves_the_champion(
     tiny_line: Path, trained_run: Path, env: Settings, tmp_path: Path, prefect_api: None
 ) -> None:
+    from prefect.client.orchestration import get_client
+
     from kensa.flows.retrain import TAG_COMPARISON, start_retraining
     from kensa.models.onnx.export import export_run
-    from prefect.client.orchestration import get_client
 
     onnx_path = export_run(trained_run, tmp_path / "champion.onnx").path
     champion = register_champion(env, onnx_path, tiny_line, "qc-retrain")

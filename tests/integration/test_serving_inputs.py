@@ -220,9 +220,10 @@ def _letterbox_model(path: Path) -> Path:
     differently from training moves its probabilities.
     """
     import torch
+    from torch import nn
+
     from kensa.models.onnx.export import build_metadata, export_onnx_file, parity_sample_metadata
     from kensa.models.train.trainer import LoadedModel, TrainConfig
-    from torch import nn
 
     torch.manual_seed(0)
     n_in = 3 * RECIPE_SIZE * RECIPE_SIZE
@@ -254,10 +255,11 @@ def _photo_jpeg() -> bytes:
 def test_a_served_model_sees_exactly_the_pixels_training_saw(tmp_path: Path) -> None:
     """A JPEG request gets the probabilities of the ONNX model on the training-path pixels."""
     import onnxruntime as ort
+    from PIL import Image
+
     from kensa.models.data.imageprep import Preprocess
     from kensa.models.data.parts import load_image
     from kensa.models.onnx.contract import read_metadata, read_preprocess
-    from PIL import Image
 
     model = _letterbox_model(tmp_path / "letterbox.onnx")
     recipe = read_preprocess(read_metadata(model))

@@ -9,11 +9,12 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+from serving_helpers import Server, make_keys
+
 from kensa.models.data.ingest import load_dataset
 from kensa.models.data.parts import load_image
 from kensa.models.evaluation.qc import verdicts
 from kensa.models.onnx.export import export_run, read_metadata
-from serving_helpers import Server, make_keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect import flow
+
 from kensa.flows.stages import StageOutcome
 from kensa.flows.tasks import TRAINED_FOR, reused_from, stage_cache_key, stage_task
 from kensa.models.evaluation.evaluate_run import BandPolicy
 from kensa.models.train.trainer import TrainConfig
-from prefect import flow
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

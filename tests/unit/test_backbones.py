@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch import nn
+
 from kensa.models.nets import backbones as bb
 from kensa.models.nets.backbones import (
     CATALOGUE,
@@ -35,8 +38,6 @@ from kensa.models.nets.backbones import (
     weights_path,
 )
 from kensa.models.nets.efficientnet_lite import EfficientNetLite0
-from PIL import Image
-from torch import nn
 
 MILITARY_UNIFORM = 652  # ImageNet-1k class index
 

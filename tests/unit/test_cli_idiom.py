@@ -64,7 +64,6 @@ def test_keys_list_json_is_pure_json_with_the_holder(tmp_path: Path) -> None:
 
 def test_alerts_list_and_cost_json_parse(env: dict[str, str | None]) -> None:
     from kensa.monitoring.alerts import open_alert
-
     from kensa.settings import Settings
     from kensa.store.connect import open_store
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from kensa.models.evaluation.corruptions import (
     CORRUPTIONS,
     SEVERITIES,

@@ -11,6 +11,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
+from typer.testing import CliRunner, Result
+
+from kensa.cli.common import get_settings
 from kensa.models.data.ingest import (
     DATASET_FILE,
     SPLITS,
@@ -18,10 +22,6 @@ from kensa.models.data.ingest import (
     ingest_dataset,
     load_dataset,
 )
-from PIL import Image
-from typer.testing import CliRunner, Result
-
-from kensa.cli.common import get_settings
 from kensa.settings import Settings
 
 CLASSES = ("ok", "defect_scratch", "defect_dent")

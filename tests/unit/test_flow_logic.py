@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from kensa.flows.choose import Trial, choose, tco
 from kensa.flows.compute import BudgetExceededError, check_budget, estimate_training, place_trials
 from kensa.flows.config import ConfigError, load_project_config, parse_project_config

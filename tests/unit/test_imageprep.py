@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from PIL import Image, ImageDraw
+from serving_helpers import build_contract_model
+
 from kensa.models.data.imageprep import Preprocess, as_preprocess, check_image_size, preprocess_from_config
 from kensa.models.data.parts import load_image
 from kensa.models.onnx.contract import PREPROCESS_KEY, read_metadata, read_preprocess
 from kensa.serving.inference.decode import decode_image
-from PIL import Image, ImageDraw
-from serving_helpers import build_contract_model
 
 GREY = 114
 WHITE = (250, 250, 250)
@@ -226,9 +227,10 @@ def test_recipe_round_trips_and_old_records_mean_squash() -> None:
 
 
 def test_export_metadata_records_the_training_recipe() -> None:
+    from torch import nn
+
     from kensa.models.onnx.export import build_metadata
     from kensa.models.train.trainer import LoadedModel, TrainConfig
-    from torch import nn
 
     config = TrainConfig(image_size=256, fit="roi", roi=(0.1, 0.2, 0.9, 0.8))
     loaded = LoadedModel(nn.Identity(), "m", ["ok", "defect_x"], 256, vars(config), "v", Path("."), {})

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from kensa.models.data.ingest import ingest_dataset, load_dataset
 from kensa.models.line.synthetic import LineConditions, generate_dataset, iter_parts
 from kensa.models.train.trainer import TrainConfig, load_checkpoint, predict_probs, split_tensors, train
-
 from kensa.settings import Settings
 
 SIZE = 64

@@ -6,12 +6,12 @@ import io
 
 import numpy as np
 import pytest
-from kensa.models.line.stream import StreamPlan, iter_stream, parse_shifts
 from PIL import Image
 from typer.testing import CliRunner
 
 from kensa.cli.main import app
 from kensa.cli.stream import Sent, StreamSummary
+from kensa.models.line.stream import StreamPlan, iter_stream, parse_shifts
 
 
 def _pixels(png: bytes) -> np.ndarray:

@@ -159,9 +159,9 @@ def test_serving_lines_carry_the_request_id_and_model_version_and_never_a_secret
     tmp_path: Path, captured: io.StringIO
 ) -> None:
     from fastapi.testclient import TestClient
+
     from kensa.serving.app import create_app
     from kensa.serving.console.session import CSRF_FIELD
-
     from kensa.settings import Settings
 
     store = f"sqlite:///{tmp_path / 'kensa.db'}"

@@ -9,6 +9,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from typer.testing import CliRunner
+
+from kensa.cli.main import app
 from kensa.models.onnx.export import (
     ParityError,
     cpu_session,
@@ -18,9 +21,6 @@ from kensa.models.onnx.export import (
     run_onnx,
 )
 from kensa.models.train.trainer import TrainConfig, load_checkpoint, train
-from typer.testing import CliRunner
-
-from kensa.cli.main import app
 
 runner = CliRunner()
 

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from torch import nn
+
 from kensa.models.data.ingest import load_dataset
 from kensa.models.evaluation.assess_model import EvalOptions, assess_module, load_model_file
 from kensa.models.evaluation.evaluate_run import BandPolicy
 from kensa.models.nets.zoo import build_model
 from kensa.models.onnx.foreign import IncompatibleModelError
-from torch import nn
 
 
 def small_net(classes: int = 6) -> nn.Module:

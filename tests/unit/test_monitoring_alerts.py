@@ -7,6 +7,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from kensa.monitoring.alerts import (
     SYSTEM_ACTOR,
     AlertStateError,
@@ -18,9 +21,6 @@ from kensa.monitoring.alerts import (
     open_alert,
     resolve,
 )
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
 from kensa.settings import Settings
 from kensa.store.audit import verify_chain
 from kensa.store.connect import open_store

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kensa.monitoring.alerts import open_alert
 from monitoring_helpers import log_parts, make_parts, reference
 from typer.testing import CliRunner
 
 from kensa.cli.common import EXIT_INVALID, get_settings
 from kensa.cli.main import app
+from kensa.monitoring.alerts import open_alert
 from kensa.settings import Settings
 from kensa.store.connect import open_store
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kensa.monitoring.drift import CheckOptions, check_drift
-from kensa.monitoring.features import build_table
-from kensa.monitoring.reference import ReferenceProfile
 from monitoring_helpers import CLASSES, MODEL, THRESHOLDS, Parts, log_parts, make_parts
 from sqlalchemy import select, update
 
+from kensa.monitoring.drift import CheckOptions, check_drift
+from kensa.monitoring.features import build_table
+from kensa.monitoring.reference import ReferenceProfile
 from kensa.settings import Settings
 from kensa.store.connect import open_store
 from kensa.store.models import Alert, DriftResult, Prediction

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from monitoring_helpers import THRESHOLDS, make_parts
+
 from kensa.monitoring.estimate import estimate_window, fit_calibrator
 from kensa.monitoring.features import SCALAR_COLUMNS
 from kensa.monitoring.policy import calibrate
-from monitoring_helpers import THRESHOLDS, make_parts
 
 SCORE = SCALAR_COLUMNS.index("defect_score")
 

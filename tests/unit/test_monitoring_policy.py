@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from monitoring_helpers import make_parts
+
 from kensa.monitoring.features import FeatureTable
 from kensa.monitoring.policy import calibrate, load_policy, save_policy, window_alpha
-from monitoring_helpers import make_parts
 
 
 def _episodes(levels: list[str]) -> int:

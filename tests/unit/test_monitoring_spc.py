@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from kensa.monitoring.spc import calibrate_chart, subgroup_counts, western_electric
 
 

@@ -8,10 +8,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
+
 from kensa.models.onnx.adapt import OnnxReference, fit_score_pca, lift_fixed_batch, wrap_graph
 from kensa.models.onnx.export import check_parity
 from kensa.models.onnx.foreign import IncompatibleModelError, inspect_onnx, load_onnx, session
-from torch import nn
 
 CLASSES = ["ok", "defect_a", "defect_b"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from kensa.models.evaluation.qc import escape_automation_curve, qc_metrics, sliced_metrics, verdicts
 
 CLASSES = ["ok", "defect_scratch", "defect_dent"]

@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from PIL import Image
+from serving_helpers import SIZE, build_contract_model, encode, make_keys
+
 from kensa.serving.errors import ApiError, error_body
 from kensa.serving.inference.artifact import ModelRefused, file_sha256, parity_images
 from kensa.serving.inference.decode import decode_image, sniff_format
@@ -23,8 +26,6 @@ from kensa.serving.inference.engine import (
 from kensa.serving.inference.imagestats import image_stats
 from kensa.serving.inference.predlog import is_sampled
 from kensa.serving.routes.v2codec import parse_infer
-from PIL import Image
-from serving_helpers import SIZE, build_contract_model, encode, make_keys
 
 # ---------------------------------------------------------------- decoding
 
@@ -317,9 +318,9 @@ def test_error_bodies_follow_each_protocol() -> None:
 @pytest.mark.filterwarnings("ignore:Using `httpx`")
 def test_every_route_has_a_policy_and_a_route_without_one_is_denied(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
+
     from kensa.serving.app import create_app
     from kensa.serving.security.auth import POLICY, PUBLIC
-
     from kensa.settings import Settings
 
     store = f"sqlite:///{tmp_path / 'kensa.db'}"

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+from scipy import ndimage
+from typer.testing import CliRunner
+
 from kensa.models.line.synthetic import (
     CLASSES,
     CONDITION_COLUMNS,
@@ -21,9 +25,6 @@ from kensa.models.line.synthetic import (
     part_seed,
     read_manifest,
 )
-from PIL import Image
-from scipy import ndimage
-from typer.testing import CliRunner
 
 SIZE = 64
 SEEDS = (1, 2, 3)

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+
 from kensa.models.evaluation.thresholds import (
     NO_AUTO_FLAG,
     NO_AUTO_PASS,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from kensa.models.nets.zoo import UnknownModelError, build_model, count_parameters, model_names
 
 

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Form, Path, Query, Request
+from starlette.responses import FileResponse, Response
+
 from kensa.monitoring import alerts as lifecycle
 from kensa.serving.console.alertview import (
     drift_chart,
@@ -18,8 +20,6 @@ from kensa.serving.console.alertview import (
 from kensa.serving.console.context import console_of
 from kensa.serving.console.web import ConsoleError, user_of
 from kensa.serving.security.auth import ALERT_HANDLERS, CONSOLE_PREFIX
-from starlette.responses import FileResponse, Response
-
 from kensa.store.models import ALERT_LEVELS, ALERT_STATUSES
 
 router = APIRouter()

@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
+from starlette.responses import Response
+
 from kensa.serving.console.charts import pareto, sparkline
 from kensa.serving.console.context import Console, console_of
 from kensa.serving.console.linestats import WINDOWS_MIN, line_stats
 from kensa.serving.console.web import ConsoleError
-from starlette.responses import Response
-
 from kensa.store.models import utcnow
 
 router = APIRouter()

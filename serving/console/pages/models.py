@@ -7,12 +7,13 @@ import asyncio
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, Path, Query, Request
+from starlette.responses import FileResponse, Response
+
 from kensa.serving.console.context import console_of
 from kensa.serving.console.decisions import DecisionError, PolicyError, decide, load_policy, may_decide
 from kensa.serving.console.registry_view import MEASURES, compare, history
 from kensa.serving.console.web import ConsoleError, user_of
 from kensa.serving.security.auth import CONSOLE_PREFIX, DECIDERS
-from starlette.responses import FileResponse, Response
 
 router = APIRouter()
 

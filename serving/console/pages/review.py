@@ -5,6 +5,8 @@ from __future__ import annotations
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, Path, Query, Request
+from starlette.responses import FileResponse, Response
+
 from kensa.serving.console.charts import hbars
 from kensa.serving.console.context import console_of
 from kensa.serving.console.queue import (
@@ -18,7 +20,6 @@ from kensa.serving.console.queue import (
 )
 from kensa.serving.console.web import ConsoleError, user_of
 from kensa.serving.security.auth import CONSOLE_PREFIX, LABELLERS
-from starlette.responses import FileResponse, Response
 
 router = APIRouter()
 

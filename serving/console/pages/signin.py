@@ -6,13 +6,13 @@ import asyncio
 import logging
 
 from fastapi import APIRouter, Form, Query, Request
+from starlette.responses import Response
+
 from kensa.serving.console.context import Console, console_of
 from kensa.serving.console.guard import safe_next
 from kensa.serving.console.session import ConsoleSession, ConsoleUser, SessionCodec
 from kensa.serving.console.web import is_secure, session_of, user_of
 from kensa.serving.security.auth import CONSOLE_PREFIX, PEOPLE
-from starlette.responses import Response
-
 from kensa.store.audit import append_event
 from kensa.store.keys import authenticate
 
