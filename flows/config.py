@@ -76,10 +76,20 @@ class ImageRecipe(_Strict):
         return {"image_size": self.image_size, "fit": self.fit, "roi": self.roi}
 
 
+# How much of a pretrained model trains (kensa.models.nets.zoo.FINETUNES; spelled out here so
+# reading the config does not import torch): head (frozen backbone on cached maps), last, all.
+FinetuneName = Literal["head", "last", "all"]
+
+
 class Pilot(Stage, ImageRecipe):
     model: str = "small_cnn"
     fraction: float = Field(0.5, gt=0, le=1)
     epochs: int = Field(15, ge=1)
+    finetune: FinetuneName | None = Field(
+        None,
+        description="For a pretrained model: head, last or all; none: the model's default (head "
+        "pretrained, all from scratch, the only choice there).",
+    )
     max_minutes: float = Field(10, gt=0)
     budget: float = 5.0
 
@@ -87,6 +97,8 @@ class Pilot(Stage, ImageRecipe):
 class Sweep(Stage, ImageRecipe):
     models: list[str] = Field(default_factory=lambda: ["small_cnn", "mobilenet_v3_small"])
     fractions: list[float] = Field(default_factory=lambda: [0.5, 1.0])
+    # Rungs each pretrained model is trained at; a from-scratch model always trains "all".
+    finetunes: list[FinetuneName] = Field(default_factory=lambda: list[FinetuneName](["head"]))
     epochs: int = Field(15, ge=1)
     burst_target: str | None = "cloud-gpu"
     budget: float = 50.0
@@ -94,13 +106,17 @@ class Sweep(Stage, ImageRecipe):
 
     @model_validator(mode="after")
     def _fractions_valid(self) -> Sweep:
-        if not self.models or not self.fractions:
-            msg = "sweep.models and sweep.fractions must each name at least one value"
+        if not self.models or not self.fractions or not self.finetunes:
+            msg = "sweep.models, sweep.fractions and sweep.finetunes must each name at least one value"
             raise ValueError(msg)
         if any(not 0 < f <= 1 for f in self.fractions):
             msg = f"sweep.fractions must be in (0, 1]; got {self.fractions}"
             raise ValueError(msg)
         return self
+
+    def finetunes_for(self, pretrained: bool) -> list[FinetuneName]:
+        """The rungs a model is swept at: ``finetunes`` if it is pretrained, else just ``all``."""
+        return list(dict.fromkeys(self.finetunes)) if pretrained else ["all"]
 
 
 class ServingPlan(_Strict):

@@ -40,6 +40,8 @@ def torchrun_command(data_root: Path, config: TrainConfig, out_dir: Path, nproc:
         cmd += ["--weights", config.weights]
     if config.max_minutes:
         cmd += ["--max-minutes", str(config.max_minutes)]
+    if config.finetune:
+        cmd += ["--finetune", config.finetune]
     return cmd
 
 

@@ -21,6 +21,8 @@ from kensa.flows.gate import GateFailedError, evaluate_gate
 from kensa.flows.tasks import log_outcome_task, stage_task
 from kensa.flows.tracking import log_dataset_input
 from kensa.models.data.ingest import load_dataset
+from kensa.models.nets.zoo import is_pretrained
+from kensa.models.train.feature_cache import feature_cache_dir
 from kensa.models.train.trainer import TrainConfig, dataset_image_size, measure_train_throughput
 
 
@@ -79,6 +81,10 @@ def pilot(
             seed=seed,
             device=ctx.config.targets[p.target].device,
             max_minutes=p.max_minutes,
+            # Spelled out for a pretrained model (its default is "head"), so the sweep's grid
+            # point with the same recipe is the same cache key.
+            finetune=p.finetune or ("head" if is_pretrained(p.model) else None),
+            **p.recipe_fields(),  # type: ignore[arg-type]
         )
         outcome = stage_task(
             data_root,
@@ -90,6 +96,7 @@ def pilot(
             ctx.config.sweep.max_robustness_images,
             processes_for(ctx.config.targets[p.target]),
             mlflow_run_id=run_id,
+            cache_dir=feature_cache_dir(ctx.settings),
         )
         log_outcome_task(ctx.client, run_id, outcome)
         cost = record_stage_cost(ctx, run_id, "pilot", p.target, outcome.seconds)

@@ -72,10 +72,13 @@ def run_stage(
     max_robustness_images: int = 192,
     show_progress: bool = True,
     nproc: int = 1,
+    cache_dir: Path | None = None,
 ) -> StageOutcome:
     """Train, evaluate like a QC lead (with the corruption suite), export with parity, time it.
 
     ``nproc`` > 1 trains under ``torchrun`` (DDP, one process per device); the rest runs here.
+    ``cache_dir`` keeps frozen-backbone maps for finetune head/last, shared by every stage on the
+    same data (``kensa.models.train.feature_cache.feature_cache_dir(settings)``).
     """
     t0 = time.perf_counter()
     if nproc > 1:
@@ -84,7 +87,7 @@ def run_stage(
         train_distributed(data_root, config, out_dir, nproc)
         result = load_train_result(out_dir)
     else:
-        result = train(data_root, config, out_dir, show_progress=show_progress)
+        result = train(data_root, config, out_dir, show_progress=show_progress, cache_dir=cache_dir)
     metrics = evaluate_run(
         out_dir,
         data_root,

@@ -39,6 +39,8 @@ from kensa.flows.tasks import log_outcome_task, reused_from, stage_task
 from kensa.flows.tracking import log_dataset_input
 from kensa.models.data.ingest import load_dataset
 from kensa.models.evaluation.scaling import effective_robustness, fit_power_law
+from kensa.models.nets.zoo import is_pretrained
+from kensa.models.train.feature_cache import feature_cache_dir
 from kensa.models.train.trainer import TrainConfig, dataset_image_size, measure_train_throughput
 
 
@@ -168,6 +170,10 @@ def sweep(
                 fraction=fraction,
                 seed=seed,
                 device=ctx.config.targets[est.target].device,
+                # A pretrained model trains at the sweep's first rung (a grid over every rung of
+                # `finetunes` is still to come); a from-scratch model at its only one.
+                finetune=s.finetunes_for(is_pretrained(model))[0] if is_pretrained(model) else None,
+                **s.recipe_fields(),  # type: ignore[arg-type]
             )
             stages[key] = {
                 "data_root": data_root,
@@ -178,6 +184,7 @@ def sweep(
                 "serving_batch": ctx.config.serving.batch_size,
                 "max_robustness_images": s.max_robustness_images,
                 "nproc": processes_for(ctx.config.targets[est.target]),
+                "cache_dir": feature_cache_dir(ctx.settings),
             }
             # A point already trained in this flow run (the pilot's) resolves from Prefect's cache.
             futures[key] = stage_task.submit(**stages[key], mlflow_run_id=child.info.run_id)

@@ -72,6 +72,7 @@ def stage_task(
     max_robustness_images: int,
     nproc: int = 1,
     mlflow_run_id: str | None = None,
+    cache_dir: Path | None = None,
 ) -> StageOutcome:
     """One stage (train → evaluate with corruptions → export with parity → latency).
 
@@ -88,6 +89,7 @@ def stage_task(
         max_robustness_images,
         show_progress=True,
         nproc=nproc,
+        cache_dir=cache_dir,  # frozen-backbone maps, shared by every stage on this dataset version
     )
     outcome.extra[TRAINED_FOR] = mlflow_run_id
     return outcome

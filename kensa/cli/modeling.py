@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kensa.cli.common import ExitCode, console, fail
+from kensa.cli.common import ExitCode, console, fail, get_settings
 
 
 class FitChoice(StrEnum):
@@ -20,6 +20,14 @@ class FitChoice(StrEnum):
     LETTERBOX = "letterbox"
     ROI = "roi"
     SQUASH = "squash"
+
+
+class FinetuneChoice(StrEnum):
+    """How much of a pretrained model trains (``TrainConfig.finetune``), cheapest first."""
+
+    HEAD = "head"
+    LAST = "last"
+    ALL = "all"
 
 
 class Device(StrEnum):
@@ -60,11 +68,21 @@ def train_cmd(
         str | None,
         typer.Option("--roi", help="Region of interest x0,y0,x1,y1 as fractions 0-1 (implies --fit roi)."),
     ] = None,
+    finetune: Annotated[
+        FinetuneChoice | None,
+        typer.Option(
+            "--finetune",
+            help="For a pretrained model (efficientnet_lite0, mobilenet_v2): head (frozen backbone, "
+            "cached maps; default), last (also the stride-16 stages), all. From-scratch models: all.",
+        ),
+    ] = None,
 ) -> None:
     """Train a zoo model on an ingested dataset; writes RUN_DIR/checkpoint.pt."""
     from kensa.models.data.imageprep import parse_roi
     from kensa.models.data.ingest import DatasetError
+    from kensa.models.nets.backbones import BackboneError
     from kensa.models.nets.zoo import UnknownModelError
+    from kensa.models.train.feature_cache import feature_cache_dir
     from kensa.models.train.trainer import TrainConfig, train
 
     try:
@@ -85,10 +103,11 @@ def train_cmd(
         image_size=image_size,
         fit=chosen.value,
         roi=box,
+        finetune=finetune.value if finetune else None,
     )
     try:
-        result = train(data, config, out)
-    except (UnknownModelError, ValueError, FileNotFoundError, DatasetError) as exc:
+        result = train(data, config, out, cache_dir=feature_cache_dir(get_settings()))
+    except (UnknownModelError, ValueError, FileNotFoundError, DatasetError, BackboneError) as exc:
         raise fail(str(exc)) from None
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 alone reports (and alone wrote the checkpoint)
@@ -104,6 +123,11 @@ def train_cmd(
         f"{result.train_seconds:.1f}",
     )
     console.print(table)
+    if result.feature_cache != "off":
+        console.print(
+            f"finetune {result.finetune}: backbone maps {result.feature_cache} "
+            f"({result.feature_seconds:.1f} s of the {result.train_seconds:.1f} s)"
+        )
     console.print(f"checkpoint: {escape(str(result.checkpoint))}")
 
 

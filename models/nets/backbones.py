@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kensa.models.nets.efficientnet_lite import HEAD_CHANNELS, EfficientNetLite0
 from torch import nn
 from torchvision import models as tvm
+
+from kensa.models.nets.efficientnet_lite import HEAD_CHANNELS, EfficientNetLite0
 
 log = logging.getLogger(__name__)
 

@@ -1,19 +1,33 @@
-"""The model zoo: torchvision backbones in a size ladder, built for a dataset's classes."""
+"""The model zoo: a ladder of models by cost, built for a dataset's classes.
+
+Two kinds of rung: pretrained ImageNet backbones that ship with the install (``efficientnet_lite0``,
+``mobilenet_v2``), cut at mid-level taps with a small spatial head (:mod:`kensa.models.nets.spatial`)
+and fine-tuned as ``finetune`` says (``head``, ``last`` or ``all``); and from-scratch models (the
+small CNNs and torchvision architectures) kept as comparisons, which can only train ``all``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import torch
-from kensa.models.nets.smallnet import small_cnn_backbone
 from torch import nn
 from torchvision import models as tvm
+
+from kensa.models.nets.smallnet import small_cnn_backbone
+from kensa.models.nets.spatial import build_spatial
 
 # ImageNet statistics: torchvision backbones (and any local pretrained weights) expect them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# How much of a pretrained rung trains, cheapest first: neck and head on cached frozen maps; also
+# the stride-8 → stride-16 stages, on cached stride-4 and stride-8 maps; everything, from images.
+Finetune = Literal["head", "last", "all"]
+FINETUNES: tuple[Finetune, ...] = ("head", "last", "all")
 
 
 class UnknownModelError(ValueError):
@@ -31,17 +45,30 @@ class QCNet(nn.Module):
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, embedding_dim: int) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        embedding_dim: int,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.embedding_dim = embedding_dim
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        # The statistics the backbone's weights expect (Lite0: 0.5/0.5, torchvision: ImageNet's).
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        # Name and sha256 of the pretrained weights it was built from (None: from scratch).
+        self.provenance: dict[str, Any] | None = None
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (B, 3, H, W) as the backbone's weights expect them."""
+        return (x - self.mean) / self.std
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
-        return torch.flatten(self.backbone(x), 1)
+        return torch.flatten(self.backbone(self.normalise(x)), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
@@ -52,8 +79,9 @@ class ZooEntry:
     """One rung of the size ladder."""
 
     name: str
-    build: Callable[[int, bool], QCNet]
+    build: Callable[[int, bool], QCNet] | None  # None: a pretrained rung, built from its backbone
     description: str
+    pretrained: str | None = None  # catalogue backbone name of a pretrained rung
 
 
 # Inputs at or below this side get a small-input stem: the first stride-2 stage is dropped, so a
@@ -118,11 +146,31 @@ def _plain_cnn(width: int) -> Callable[[int, bool], QCNet]:
     return build
 
 
-# Ordered smallest to largest (parameters with 6 classes):
-# ~0.17M, ~0.7M, ~1.5M, ~4.2M, ~4.0M, ~11.2M, ~23.5M.
+def _pretrained(name: str, num_classes: int, load_weights: bool, weights: Path | None) -> QCNet:
+    parts = build_spatial(name, num_classes, load_weights=load_weights, weights=weights)
+    model = QCNet(parts.backbone, parts.head, parts.embedding_dim, parts.mean, parts.std)
+    model.provenance = parts.provenance
+    return model
+
+
+# Pretrained rungs first (the ones a QC lead is offered), then from-scratch ones smallest to
+# largest. Parameters with 6 classes: ~0.80M (Lite0 to stage 4, 0.10M of it neck and head),
+# ~0.64M (MobileNetV2 to features[13]); ~0.17M, ~0.7M, ~1.5M, ~4.2M, ~4.0M, ~11.2M, ~23.5M.
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in (
+        ZooEntry(
+            "efficientnet_lite0",
+            None,
+            "ImageNet EfficientNet-Lite0 to stride 16 + spatial head",
+            pretrained="efficientnet_lite0",
+        ),
+        ZooEntry(
+            "mobilenet_v2",
+            None,
+            "ImageNet MobileNetV2 to stride 16 + spatial head",
+            pretrained="mobilenet_v2",
+        ),
         ZooEntry("tiny_cnn", _plain_cnn(12), "~0.17M plain CNN, half the small CNN's width"),
         ZooEntry("small_cnn", _plain_cnn(24), "~0.7M plain CNN for small inputs"),
         ZooEntry("mobilenet_v3_small", lambda c, s: _mobilenet(tvm.mobilenet_v3_small, c, s), "~1M"),
@@ -135,8 +183,34 @@ ZOO: dict[str, ZooEntry] = {
 
 
 def model_names() -> list[str]:
-    """Zoo names, smallest first."""
+    """Zoo names: pretrained rungs, then from-scratch ones smallest first."""
     return list(ZOO)
+
+
+def is_pretrained(name: str) -> bool:
+    """Whether zoo model ``name`` starts from shipped ImageNet weights (and so can freeze layers)."""
+    return name in ZOO and ZOO[name].pretrained is not None
+
+
+def check_finetune(name: str, finetune: str | None) -> Finetune:
+    """The finetune rung ``name`` trains with: ``finetune``, or its default (None).
+
+    Default: ``head`` for a pretrained rung (the cheapest), ``all`` from scratch. A from-scratch
+    model has no pretrained layers to freeze, so ``head``/``last`` are refused for it.
+    """
+    if finetune is not None and finetune not in FINETUNES:
+        msg = f"finetune must be one of {', '.join(FINETUNES)}; got {finetune!r}"
+        raise ValueError(msg)
+    if not is_pretrained(name):
+        if finetune not in (None, "all"):
+            pretrained = ", ".join(n for n in ZOO if is_pretrained(n))
+            msg = (
+                f"model {name!r} trains from scratch, so only finetune 'all' applies (got {finetune!r}); "
+                f"finetune 'head' and 'last' need a pretrained model: {pretrained}"
+            )
+            raise ValueError(msg)
+        return "all"
+    return cast(Finetune, finetune or "head")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -144,9 +218,17 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def build_model(
-    name: str, num_classes: int, weights: Path | None = None, input_size: int | None = None
+    name: str,
+    num_classes: int,
+    weights: Path | None = None,
+    input_size: int | None = None,
+    pretrained: bool = True,
 ) -> QCNet:
     """Build a zoo model for ``num_classes`` classes, optionally from a local weights file.
+
+    A pretrained rung loads its shipped ImageNet weights (hash-checked), or ``weights`` as a
+    user's own file for the same backbone; ``pretrained=False`` builds the architecture only, for
+    a checkpoint's state dict to fill.
 
     ``input_size`` (the square input side) picks the stem: at or below :data:`SMALL_INPUT_MAX`
     px the first downsampling is removed (MobileNet/EfficientNet stem conv at stride 1, ResNet
@@ -163,7 +245,13 @@ def build_model(
     if num_classes < 2:
         msg = f"a QC model needs at least 2 classes, got {num_classes}"
         raise ValueError(msg)
-    model = ZOO[name].build(num_classes, small_input(input_size))
+    entry = ZOO[name]
+    if entry.pretrained is not None:
+        # The ImageNet BatchNorm statistics and momentum stay as trained; a pretrained trunk's
+        # normalisation layers run in eval mode while fine-tuning (kensa.models.train.finetune).
+        return _pretrained(entry.pretrained, num_classes, pretrained, weights)
+    assert entry.build is not None
+    model = entry.build(num_classes, small_input(input_size))
     for m in model.modules():
         # torchvision's MobileNet/EfficientNet use BN momentum 0.01, tuned for 600 ImageNet epochs;
         # a short from-scratch run then evaluates with running statistics far from the truth.

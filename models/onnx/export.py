@@ -365,7 +365,7 @@ def export_loaded(
 
 def build_metadata(loaded: LoadedModel, band: dict[str, Any], pca_dims: int) -> dict[str, Any]:
     """The self-description every kensa ONNX file carries (JSON-encoded string values)."""
-    return {
+    metadata: dict[str, Any] = {
         "kensa_format": "kensa-onnx/1",
         "model_name": loaded.model_name,
         "classes": loaded.classes,
@@ -380,3 +380,8 @@ def build_metadata(loaded: LoadedModel, band: dict[str, Any], pca_dims: int) -> 
         # Serving decodes every request with this recipe: the one the training images went through.
         PREPROCESS_KEY: preprocess_from_config(loaded.config, loaded.input_size).to_dict(),
     }
+    if loaded.backbone:
+        # The pretrained weights the model started from (name, sha256, file) and the finetune
+        # rung it trained (also in training_config); absent for a from-scratch model.
+        metadata["backbone"] = {**loaded.backbone, "finetune": loaded.config.get("finetune")}
+    return metadata

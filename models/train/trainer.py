@@ -1,4 +1,4 @@
-"""Training: seeded, best epoch chosen on a validation split of its own, DDP-ready, self-describing checkpoint.
+"""Training: seeded, best epoch chosen on a validation part of its own, DDP-ready, self-describing.
 
 The calibration split is never seen here: it sets the review band alone, so the band's guarantee holds.
 """
@@ -19,17 +19,27 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from kensa.models.data.imageprep import MAX_SIZE, Box, Fit, Preprocess, check_image_size
-from kensa.models.data.ingest import DatasetVersion, ImageRecord, load_dataset
-from kensa.models.data.parts import PartImages, train_augmentations
-from kensa.models.data.splits import SplitItem, carve_validation
-from kensa.models.nets.zoo import build_model, count_parameters
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from kensa import __version__
+from kensa.models.data.imageprep import MAX_SIZE, Box, Fit, Preprocess, check_image_size
+from kensa.models.data.ingest import DatasetVersion, ImageRecord, load_dataset
+from kensa.models.data.parts import PartImages, train_augmentations
+from kensa.models.data.splits import SplitItem, carve_validation
+from kensa.models.nets.zoo import (
+    FINETUNES,
+    ZOO,
+    Finetune,
+    QCNet,
+    build_model,
+    check_finetune,
+    count_parameters,
+)
+from kensa.models.train.cpu import configure_cpu_training
+from kensa.models.train.finetune import apply_finetune, cached_taps, param_groups, set_train_mode
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # /2: the architecture depends on the input size (small-input stems, see kensa.models.nets.zoo.small_input).
@@ -65,6 +75,14 @@ class TrainConfig:
     augment: bool = True
     optimizer: str = "adamw"  # "adamw" or "sgd" (Nesterov momentum 0.9)
     label_smoothing: float = 0.0
+    # How much of a pretrained model trains (kensa.models.nets.zoo.FINETUNES): "head" (frozen
+    # backbone, cached maps), "last" (the stride-16 stages too), "all". None: the model's default,
+    # "head" for a pretrained rung and "all" from scratch (the only choice there).
+    finetune: str | None = None
+
+    def resolved_finetune(self) -> Finetune:
+        """The rung this config trains: ``finetune`` or the model's default; ValueError if refused."""
+        return check_finetune(self.model, self.finetune)
 
     def preprocess(self, image_size: int) -> Preprocess:
         """The image recipe of this run at ``image_size``; serving decodes with the same one."""
@@ -92,6 +110,11 @@ class TrainConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             msg = "device 'cuda' requested but no CUDA device is available; use --device cpu"
             raise ValueError(msg)
+        if self.finetune is not None and self.finetune not in FINETUNES:
+            msg = f"finetune must be one of {', '.join(FINETUNES)}, got {self.finetune!r}"
+            raise ValueError(msg)
+        if self.model in ZOO:  # an unknown model is refused by build_model, naming the known ones
+            self.resolved_finetune()
 
 
 @dataclass
@@ -111,6 +134,11 @@ class TrainResult:
     stopped_early: bool
     train_images: int = 0  # training examples actually used (after ``fraction``)
     history: list[dict[str, float]] = field(default_factory=list)
+    finetune: str = "all"
+    # "off" (trained from images), "hit" (maps read from the cache), "computed" (extracted here).
+    feature_cache: str = "off"
+    feature_seconds: float = 0.0  # of train_seconds: reading or extracting the cached maps
+    trainable_parameters: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -196,27 +224,32 @@ def dataset_image_size(ds: DatasetVersion) -> int:
     return sides.most_common(1)[0][0]
 
 
-def _subset(data: PartImages, fraction: float, seed: int) -> PartImages | Subset[Any]:
+def stratified_rows(labels: np.ndarray, fraction: float, seed: int) -> list[int]:
+    """Sorted rows keeping ``fraction`` of each label (at least one), so a 10 % pilot sees every type."""
     if fraction >= 1.0:
-        return data
-    # Stratified by label so a 10 % pilot still sees every defect type.
+        return list(range(len(labels)))
     rng = np.random.default_rng(seed)
     keep: list[int] = []
-    labels = data.labels.numpy()
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         n = max(1, math.ceil(len(idx) * fraction))
         keep.extend(rng.permutation(idx)[:n].tolist())
-    return Subset(data, sorted(keep))
+    return sorted(keep)
 
 
-def _class_weights(data: PartImages, n_classes: int, device: str) -> torch.Tensor:
+def _subset(data: PartImages, fraction: float, seed: int) -> PartImages | Subset[Any]:
+    if fraction >= 1.0:
+        return data
+    return Subset(data, stratified_rows(data.labels.numpy(), fraction, seed))
+
+
+def class_weights(labels: torch.Tensor, n_classes: int, device: str) -> torch.Tensor:
     """Inverse square-root frequency weights, normalised to mean 1.
 
     With 70 % ok parts, an unweighted loss is minimised early by predicting "ok" for everything;
     the square root keeps the weighting gentle enough not to flood the band with false rejects.
     """
-    counts = torch.bincount(data.labels, minlength=n_classes).float().clamp(min=1)
+    counts = torch.bincount(labels, minlength=n_classes).float().clamp(min=1)
     w = counts.rsqrt()
     return (w / w.mean()).to(device)
 
@@ -241,18 +274,36 @@ def _validation_loss(model: nn.Module, data: PartImages, device: str) -> tuple[f
     return float(-np.log(p_true).mean()), float((probs.argmax(1) == labels).mean())
 
 
-def train(data_root: Path, config: TrainConfig, out_dir: Path, show_progress: bool = True) -> TrainResult:
+def train(
+    data_root: Path,
+    config: TrainConfig,
+    out_dir: Path,
+    show_progress: bool = True,
+    cache_dir: Path | None = None,
+) -> TrainResult:
     """Train ``config.model`` on the dataset at ``data_root``; write ``out_dir/checkpoint.pt``.
 
     Works unchanged under ``torchrun``: each rank sees its shard of the training split, gradients
-    are averaged by DDP, and rank 0 alone evaluates, prints and writes.
+    are averaged by DDP, and rank 0 alone evaluates, prints and writes. Finetune ``head`` and
+    ``last`` train on frozen-backbone maps, read from ``cache_dir`` when an earlier run left them
+    there (see :func:`kensa.models.train.feature_cache.feature_cache_dir`); None extracts them
+    for this run only.
     """
     config.validate()
+    finetune = config.resolved_finetune()
     ds = load_dataset(data_root)
     image_size = config.image_size or dataset_image_size(ds)
     with distributed(config.device) as info:
+        configure_cpu_training(processes=info.world_size)
         seed_everything(config.seed)
         device = f"cuda:{info.local_rank}" if config.device == "cuda" else "cpu"
+        if cached_taps(finetune):
+            # Imported here: that module builds on this one's records, results and checkpoint.
+            from kensa.models.train.from_features import train_from_features
+
+            return train_from_features(
+                ds, config, finetune, image_size, out_dir, info, device, cache_dir, show_progress
+            )
         train_records, val_records = training_and_validation(ds, config.validation_fraction, config.seed)
         train_full = record_tensors(ds, train_records, config.preprocess(image_size), augment=config.augment)
         val = record_tensors(ds, val_records, config.preprocess(image_size))
@@ -264,6 +315,7 @@ def train(data_root: Path, config: TrainConfig, out_dir: Path, show_progress: bo
             Path(config.weights) if config.weights else None,
             input_size=image_size,
         ).to(device)
+        apply_finetune(model, finetune)
         use_cuda = config.device == "cuda"
         if use_cuda:
             model = model.to(memory_format=torch.channels_last)  # faster convs with AMP
@@ -286,22 +338,15 @@ def train(data_root: Path, config: TrainConfig, out_dir: Path, show_progress: bo
             generator=generator if sampler is None else None,
             drop_last=len(train_data) > config.batch_size,
         )
-        opt: torch.optim.Optimizer
-        if config.optimizer == "sgd":
-            opt = torch.optim.SGD(
-                net.parameters(),
-                lr=config.lr,
-                momentum=0.9,
-                nesterov=True,
-                weight_decay=config.weight_decay,
-            )
-        else:
-            opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        groups = param_groups(model, finetune, config.lr)
+        opt = make_optimizer(config, groups)
         steps = max(1, config.epochs * len(loader))
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=steps)
         scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
         loss_fn = nn.CrossEntropyLoss(
-            weight=_class_weights(train_full, len(ds.classes), device) if config.balance_classes else None,
+            weight=class_weights(train_full.labels, len(ds.classes), device)
+            if config.balance_classes
+            else None,
             label_smoothing=config.label_smoothing,
         )
 
@@ -325,6 +370,7 @@ def train(data_root: Path, config: TrainConfig, out_dir: Path, show_progress: bo
                 if sampler is not None:
                     sampler.set_epoch(epoch)
                 net.train()
+                set_train_mode(model)  # a pretrained trunk's BatchNorm keeps ImageNet statistics
                 running = 0.0
                 for x, y in loader:
                     x, y = x.to(device), y.to(device)
@@ -379,10 +425,28 @@ def train(data_root: Path, config: TrainConfig, out_dir: Path, show_progress: bo
             stopped_early=stopped_early,
             train_images=len(train_data),
             history=history,
+            finetune=finetune,
+            trainable_parameters=sum(p.numel() for g in groups for p in g["params"]),
         )
         if info.is_main:
-            save_checkpoint(result, config, ds, image_size, best_state or model.state_dict())
+            save_checkpoint(
+                result, config, ds, image_size, best_state or model.state_dict(), provenance(model)
+            )
         return result
+
+
+def make_optimizer(config: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """AdamW or Nesterov SGD over parameter ``groups`` (each with its own ``lr``)."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def provenance(model: nn.Module) -> dict[str, Any] | None:
+    """Name and sha256 of the pretrained weights ``model`` started from (None: from scratch)."""
+    return model.provenance if isinstance(model, QCNet) else None
 
 
 def save_checkpoint(
@@ -391,15 +455,21 @@ def save_checkpoint(
     ds: DatasetVersion,
     image_size: int,
     state: dict[str, torch.Tensor],
+    backbone: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint that describes itself: model, classes, input size, config, data, metrics."""
+    """Write a checkpoint that describes itself: model, classes, input size, config, data, metrics.
+
+    ``backbone`` is the provenance of pretrained weights (name, sha256); the config records the
+    finetune rung actually trained, not None.
+    """
     result.run_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "model_name": config.model,
         "classes": list(ds.classes),
         "input_size": image_size,
-        "config": asdict(config),
+        "config": {**asdict(config), "finetune": config.resolved_finetune()},
+        "backbone": backbone,
         "dataset_version": ds.version,
         "dataset_root": str(ds.root.resolve()),
         "code_version": __version__,
@@ -426,6 +496,7 @@ class LoadedModel:
     dataset_version: str
     dataset_root: Path
     metrics: dict[str, Any]
+    backbone: dict[str, Any] | None = None  # pretrained weights' name and sha256; None: from scratch
 
 
 def load_checkpoint(run_dir: Path) -> LoadedModel:
@@ -437,8 +508,12 @@ def load_checkpoint(run_dir: Path) -> LoadedModel:
     payload = torch.load(path, map_location="cpu", weights_only=False)
     # A /1 checkpoint predates size-dependent stems: it was trained with the stock architecture.
     arch_size = None if payload.get("format") == "kensa-checkpoint/1" else payload["input_size"]
-    model = build_model(payload["model_name"], len(payload["classes"]), input_size=arch_size)
+    # pretrained=False: the state dict holds every weight, so the shipped file is not needed here.
+    model = build_model(
+        payload["model_name"], len(payload["classes"]), input_size=arch_size, pretrained=False
+    )
     model.load_state_dict(payload["state_dict"])
+    model.provenance = payload.get("backbone")
     model.eval()
     return LoadedModel(
         model=model,
@@ -449,6 +524,7 @@ def load_checkpoint(run_dir: Path) -> LoadedModel:
         dataset_version=payload["dataset_version"],
         dataset_root=Path(payload["dataset_root"]),
         metrics=dict(payload["metrics"]),
+        backbone=payload.get("backbone"),
     )
 
 
