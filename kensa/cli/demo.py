@@ -128,7 +128,7 @@ def _store_figures(since: Any) -> dict[str, Any]:
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Where the demo writes.")] = Path(".kensa/demo"),
     n: Annotated[int, typer.Option("--n", help="Parts the synthetic line makes for training.")] = 2000,
-    image_size: Annotated[int, typer.Option("--image-size")] = 64,
+    image_size: Annotated[int, typer.Option("--image-size", help="Part image side in px.")] = 128,
     config: Annotated[Path, typer.Option("--config", help="Project config.")] = Path("examples/kensa.toml"),
     clean_parts: Annotated[int, typer.Option("--clean-parts", help="Parts streamed before the drift.")] = 600,
     drift_parts: Annotated[int, typer.Option("--drift-parts", help="Parts streamed after it begins.")] = 600,
