@@ -167,5 +167,6 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "json", stream: IO[s
         server_log = logging.getLogger(name)
         server_log.handlers.clear()
         server_log.propagate = True
+        server_log.setLevel(logging.NOTSET)  # the root's level decides, whatever set it before
     # Alembic narrates every start-up migration check; only its warnings matter here.
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -196,8 +196,11 @@ def test_lite0_head_run_exports_with_parity_drift_features_and_provenance(
 
 
 def test_cli_trains_a_finetune_rung_and_refuses_one_from_scratch(tiny_line: Path, tmp_path: Path) -> None:
+    from kensa.cli.common import get_settings
+
     env = {"KENSA_DATA_DIR": str(tmp_path / "kensa")}
     base = ["train", "--data", str(tiny_line), "--epochs", "1"]
+    get_settings.cache_clear()  # one Settings per CLI process; this "process" has its own data dir
     r = runner.invoke(
         app,
         [*base, "--out", str(tmp_path / "r"), "--model", "efficientnet_lite0", "--finetune", "head"],
@@ -211,6 +214,7 @@ def test_cli_trains_a_finetune_rung_and_refuses_one_from_scratch(tiny_line: Path
     )
     assert r.exit_code == 2
     assert "from scratch" in r.output and not (tmp_path / "s" / "checkpoint.pt").exists()
+    get_settings.cache_clear()
 
 
 def test_project_config_carries_the_rungs() -> None:
