@@ -15,7 +15,6 @@ frozen trunk's ImageNet features and the corruption suite's measurements stand i
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from kensa.models.train.finetune import (
 from kensa.models.train.trainer import (
     CHECKPOINT_NAME,
     DistInfo,
+    EpochKeeper,
     TrainConfig,
     TrainResult,
     class_weights,
@@ -192,10 +192,8 @@ def train_from_features(
     )
     used_labels = used_labels.to(device)
 
-    best_loss, best_acc, best_epoch = math.inf, 0.0, 0
-    best_state: dict[str, torch.Tensor] = {}
-    history: list[dict[str, float]] = []
-    seen, stopped_early, epoch = 0, False, 0
+    seen, epoch = 0, 0
+    keeper = EpochKeeper(config, t0)
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -226,26 +224,7 @@ def train_from_features(
                 running += loss.item()
                 progress.update(task, advance=1, loss=loss.item())
             val_loss, val_acc = _validate(step, val_maps, val_labels, device)
-            history.append(
-                {
-                    "epoch": float(epoch),
-                    "train_loss": running / max(1, len(loader)),
-                    "validation_loss": val_loss,
-                    "validation_accuracy": val_acc,
-                }
-            )
-            if val_loss < best_loss - 1e-4:
-                best_loss, best_acc, best_epoch = val_loss, val_acc, epoch
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            elif (
-                config.patience is not None
-                and epoch >= config.min_epochs
-                and epoch - best_epoch >= config.patience
-            ):
-                stopped_early = True
-                break
-            if config.max_minutes and (time.perf_counter() - t0) / 60 > config.max_minutes:
-                stopped_early = True
+            if keeper.end_epoch(epoch, running / max(1, len(loader)), val_loss, val_acc, model):
                 break
     elapsed = time.perf_counter() - t0
     result = TrainResult(
@@ -254,20 +233,20 @@ def train_from_features(
         model=config.model,
         parameters=count_parameters(model),
         epochs_run=epoch,
-        best_epoch=best_epoch,
-        best_validation_loss=best_loss,
-        validation_accuracy=best_acc,
+        best_epoch=keeper.best_epoch,
+        best_validation_loss=keeper.best_loss,
+        validation_accuracy=keeper.best_acc,
         images_per_second=seen / max(elapsed, 1e-9),
         train_seconds=elapsed,
-        stopped_early=stopped_early,
+        stopped_early=keeper.stopped_early,
         train_images=len(rows),
-        history=history,
+        history=keeper.history,
         finetune=finetune,
         feature_cache=found.source,
         feature_seconds=found.seconds,
         trainable_parameters=sum(p.numel() for g in groups for p in g["params"]),
     )
     if info.is_main:
-        state = best_state or model.state_dict()
+        state = keeper.best_state or model.state_dict()
         save_checkpoint(result, config, ds, image_size, state, model.provenance)
     return result

@@ -147,6 +147,42 @@ class TrainResult:
         return d
 
 
+@dataclass
+class EpochKeeper:
+    """The best epoch by validation loss, the history, and when to stop: one rule for every loop."""
+
+    config: TrainConfig
+    t0: float  # perf_counter at the start of training, for ``max_minutes``
+    best_loss: float = math.inf
+    best_acc: float = 0.0
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+    def end_epoch(
+        self, epoch: int, train_loss: float, val_loss: float, val_acc: float, model: nn.Module
+    ) -> bool:
+        """Record an epoch; keep the model's state if it is the best so far. True: stop now."""
+        self.history.append(
+            {
+                "epoch": float(epoch),
+                "train_loss": train_loss,
+                "validation_loss": val_loss,
+                "validation_accuracy": val_acc,
+            }
+        )
+        cfg = self.config
+        if val_loss < self.best_loss - 1e-4:
+            self.best_loss, self.best_acc, self.best_epoch = val_loss, val_acc, epoch
+            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        elif cfg.patience is not None and epoch >= cfg.min_epochs and epoch - self.best_epoch >= cfg.patience:
+            self.stopped_early = True
+        if cfg.max_minutes and (time.perf_counter() - self.t0) / 60 > cfg.max_minutes:
+            self.stopped_early = True
+        return self.stopped_early
+
+
 def seed_everything(seed: int) -> None:
     """Same seed, same run: Python hash-free RNGs, numpy, torch, deterministic kernels on CPU."""
     np.random.seed(seed)
@@ -350,11 +386,8 @@ def train(
             label_smoothing=config.label_smoothing,
         )
 
-        best_loss, best_acc, best_epoch = math.inf, 0.0, 0
-        best_state: dict[str, torch.Tensor] = {}
-        history: list[dict[str, float]] = []
         seen, t0 = 0, time.perf_counter()
-        stopped_early = False
+        keeper = EpochKeeper(config, t0)
         progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -389,26 +422,7 @@ def train(
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     progress.update(task, advance=1, rate=rate, loss=loss.item())
                 val_loss, val_acc = _validation_loss(model, val, device)
-                history.append(
-                    {
-                        "epoch": float(epoch),
-                        "train_loss": running / max(1, len(loader)),
-                        "validation_loss": val_loss,
-                        "validation_accuracy": val_acc,
-                    }
-                )
-                if val_loss < best_loss - 1e-4:
-                    best_loss, best_acc, best_epoch = val_loss, val_acc, epoch
-                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                elif (
-                    config.patience is not None
-                    and epoch >= config.min_epochs
-                    and epoch - best_epoch >= config.patience
-                ):
-                    stopped_early = True
-                    break
-                if config.max_minutes and (time.perf_counter() - t0) / 60 > config.max_minutes:
-                    stopped_early = True
+                if keeper.end_epoch(epoch, running / max(1, len(loader)), val_loss, val_acc, model):
                     break
         elapsed = time.perf_counter() - t0
         result = TrainResult(
@@ -417,20 +431,20 @@ def train(
             model=config.model,
             parameters=count_parameters(model),
             epochs_run=epoch,
-            best_epoch=best_epoch,
-            best_validation_loss=best_loss,
-            validation_accuracy=best_acc,
+            best_epoch=keeper.best_epoch,
+            best_validation_loss=keeper.best_loss,
+            validation_accuracy=keeper.best_acc,
             images_per_second=seen / max(elapsed, 1e-9),
             train_seconds=elapsed,
-            stopped_early=stopped_early,
+            stopped_early=keeper.stopped_early,
             train_images=len(train_data),
-            history=history,
+            history=keeper.history,
             finetune=finetune,
             trainable_parameters=sum(p.numel() for g in groups for p in g["params"]),
         )
         if info.is_main:
             save_checkpoint(
-                result, config, ds, image_size, best_state or model.state_dict(), provenance(model)
+                result, config, ds, image_size, keeper.best_state or model.state_dict(), provenance(model)
             )
         return result
 
