@@ -62,9 +62,45 @@ def corrupted_escape(robustness: dict[str, Any], max_severity: int) -> float:
     return sum(values) / len(values)
 
 
+def lower_bound(hits: int, n: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson lower bound of a binomial rate at ``confidence``."""
+    from scipy.stats import beta
+
+    return 0.0 if hits <= 0 else float(beta.ppf(1.0 - confidence, hits, n - hits + 1))
+
+
 def evaluate_gate(metrics: dict[str, Any], kpi: KPI, check_relative_ce: bool = False) -> GateResult:
-    """Compare a stage's metrics with the KPI; the band must also carry its guarantee."""
+    """Compare a stage's metrics with the KPI; the band must also carry its guarantee.
+
+    The band certifies escape and false-reject rates on the calibration split. The test split is an
+    independent check of that certificate, so a rate there fails the gate only when it exceeds the
+    target beyond sampling noise: when even its lower confidence bound (at the KPI's confidence) is
+    above the target. A certified 5 % rate lands above 5 % on half of all test splits; failing those
+    would make the gate a coin toss. Without part counts the point estimate is compared as it is.
+    """
     rows: list[GateRow] = []
+
+    def rate_row(name: str, key: str, base: str, target: float) -> None:
+        achieved, n = float(metrics[key]), metrics.get(base)
+        if not n:
+            row(name, achieved, target, True)
+            return
+        hits = round(achieved * int(n))
+        low = lower_bound(hits, int(n), kpi.confidence)
+        ok = low <= target
+        conf = f"{kpi.confidence:.0%}"
+        what = f"{achieved:.2%} ({hits}/{n})"
+        if ok and achieved > target:
+            what += f", within sampling: {conf} lower bound {low:.2%}"
+        gap = (
+            ""
+            if ok
+            else (
+                f"{name} {achieved:.2%} ({hits} of {n} test parts) vs target ≤ {target:.2%}: "
+                f"above it even at its {conf} lower bound {low:.2%}"
+            )
+        )
+        rows.append(GateRow(name, f"≤ {target:.2%}", what, ok, gap))
 
     def row(name: str, achieved: float, target: float, at_most: bool, fmt: str = ".2%") -> None:
         ok = achieved <= target if at_most else achieved >= target
@@ -90,8 +126,8 @@ def evaluate_gate(metrics: dict[str, Any], kpi: KPI, check_relative_ce: bool = F
             "" if guaranteed else f"review band not certified: {band.get('message', '')}",
         )
     )
-    row("escape rate", metrics["escape_rate"], kpi.max_escape_rate, True)
-    row("false reject rate", metrics["false_reject_rate"], kpi.max_false_reject_rate, True)
+    rate_row("escape rate", "escape_rate", "n_defective", kpi.max_escape_rate)
+    rate_row("false reject rate", "false_reject_rate", "n_good", kpi.max_false_reject_rate)
     row("automation rate", metrics["automation_rate"], kpi.min_automation_rate, False, ".1%")
     rob = metrics.get("robustness")
     if rob:
