@@ -19,7 +19,7 @@ import torch
 
 from kensa.models.nets.zoo import build_model, count_parameters, model_names
 from kensa.models.onnx.export import ExportGraph, export_onnx_file, working_providers
-from kensa.models.train.trainer import measure_train_throughput
+from kensa.models.train.speed import measure_train_speed
 
 
 def infer_throughput_torch(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -64,7 +64,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sizes.split(","):
             model = build_model(name, 6).eval()
-            train_rate = measure_train_throughput(name, size, 6, batch_size=batch, steps=3)
+            train_rate = measure_train_speed(
+                name, size, 6, "all", batch_size=batch, steps=3
+            ).step_images_per_second
             eager = infer_throughput_torch(model, x_t, args.repeats)
             path = export_onnx_file(
                 model,

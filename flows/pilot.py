@@ -23,7 +23,8 @@ from kensa.flows.tracking import log_dataset_input
 from kensa.models.data.ingest import load_dataset
 from kensa.models.nets.zoo import is_pretrained
 from kensa.models.train.feature_cache import feature_cache_dir
-from kensa.models.train.trainer import TrainConfig, dataset_image_size, measure_train_throughput
+from kensa.models.train.speed import measure_train_speed
+from kensa.models.train.trainer import TrainConfig, dataset_image_size
 
 
 @task(name="estimate-pilot-cost", cache_policy=NO_CACHE)
@@ -31,10 +32,13 @@ def estimate_pilot(ctx: FlowContext, data_root: Path) -> dict[str, Any]:
     """Measure this machine's training speed for the pilot model and price the stage."""
     ds = load_dataset(data_root)
     p = ctx.config.pilot
-    size = dataset_image_size(ds)
-    rate = measure_train_throughput(p.model, size, len(ds.classes), ctx.config.targets[p.target].device)
-    images = round(len(ds.split("train")) * p.fraction) * p.epochs
-    est = estimate_training("pilot", p.target, ctx.config, images, rate, p.budget)
+    size = p.image_size or dataset_image_size(ds)
+    speed = measure_train_speed(
+        p.model, size, len(ds.classes), p.finetune, ctx.config.targets[p.target].device
+    )
+    n = round(len(ds.split("train")) * p.fraction)
+    rate = speed.effective_rate(n, p.epochs)
+    est = estimate_training("pilot", p.target, ctx.config, n * p.epochs, rate, p.budget)
     check_budget([est], p.budget, ctx.config.currency)
     return {"estimate": est, "explain": est.explain(ctx.config.currency)}
 

@@ -1,4 +1,4 @@
-"""Prefect flow `sweep`: model sizes × data fractions, robustness and cost, then one candidate.
+"""Prefect flow `sweep`: model sizes × fine-tuning rungs × data fractions, robustness and cost, then one candidate.
 
 Each trial is a nested MLflow run with clean and corrupted metrics, its training cost and its
 measured inference latency (→ serving cost per million parts). Error-vs-parameters and
@@ -29,6 +29,7 @@ from kensa.flows.common import (
     write_json,
 )
 from kensa.flows.compute import Estimate, check_budget, estimate_training, place_trials
+from kensa.flows.config import Sweep
 from kensa.flows.distributed import processes_for
 from kensa.flows.gate import GateFailedError, corrupted_escape, evaluate_gate
 from kensa.flows.ledger import LedgerLine, attach_model_version, read_ledger
@@ -41,7 +42,25 @@ from kensa.models.data.ingest import load_dataset
 from kensa.models.evaluation.scaling import effective_robustness, fit_power_law
 from kensa.models.nets.zoo import is_pretrained
 from kensa.models.train.feature_cache import feature_cache_dir
-from kensa.models.train.trainer import TrainConfig, dataset_image_size, measure_train_throughput
+from kensa.models.train.speed import measure_train_speed
+from kensa.models.train.trainer import TrainConfig, dataset_image_size
+
+Point = tuple[str, str | None, float]  # model, finetune rung (None: from scratch), data fraction
+
+
+def sweep_grid(s: Sweep) -> list[tuple[str, Point]]:
+    """Every trial of the sweep as (key, point): models × their rungs × data fractions.
+
+    A pretrained model is swept at each rung of ``finetunes``; a from-scratch model at its only one.
+    The key names the rung only where a model has several: ``efficientnet_lite0/last@0.5``.
+    """
+    grid: list[tuple[str, Point]] = []
+    for model in s.models:
+        rungs: list[str | None] = list(s.finetunes_for(True)) if is_pretrained(model) else [None]
+        for rung in rungs:
+            recipe = f"{model}/{rung}" if len(rungs) > 1 else model
+            grid += [(f"{recipe}@{f:g}", (model, rung, f)) for f in s.fractions]
+    return grid
 
 
 @task(name="estimate-sweep-cost", cache_policy=NO_CACHE)
@@ -49,15 +68,16 @@ def estimate_sweep(ctx: FlowContext, data_root: Path) -> list[Estimate]:
     """Price every trial on the target it will run on; refuse the sweep if over budget."""
     ds = load_dataset(data_root)
     s = ctx.config.sweep
-    size = dataset_image_size(ds)
-    grid = [(m, f) for m in s.models for f in s.fractions]
+    size = s.image_size or dataset_image_size(ds)
+    grid = sweep_grid(s)
     targets = place_trials(len(grid), ctx.config)
-    rates = {m: measure_train_throughput(m, size, len(ds.classes)) for m in s.models}
+    speeds = {(m, r): measure_train_speed(m, size, len(ds.classes), r) for _, (m, r, _f) in grid}
     n_train = len(ds.split("train"))
-    estimates = [
-        estimate_training(f"sweep:{m}@{f}", t, ctx.config, round(n_train * f) * s.epochs, rates[m], s.budget)
-        for (m, f), t in zip(grid, targets, strict=True)
-    ]
+    estimates = []
+    for (key, (m, r, f)), t in zip(grid, targets, strict=True):
+        n = round(n_train * f)
+        rate = speeds[(m, r)].effective_rate(n, s.epochs)
+        estimates.append(estimate_training(f"sweep:{key}", t, ctx.config, n * s.epochs, rate, s.budget))
     check_budget(estimates, s.budget, ctx.config.currency)
     return estimates
 
@@ -146,17 +166,17 @@ def sweep(
             {
                 "sweep.models": ",".join(s.models),
                 "sweep.fractions": ",".join(map(str, s.fractions)),
+                "sweep.finetunes": ",".join(s.finetunes),
                 "sweep.epochs": s.epochs,
                 "sweep.budget": s.budget,
             }
         )
         log_dataset_input(data_root, ds.version, name=f"line-{ds.short_version}")
-        grid = [(m, f) for m in s.models for f in s.fractions]
+        grid = sweep_grid(s)
         runs: dict[str, tuple[str, str]] = {}
         stages: dict[str, dict[str, Any]] = {}
         futures = {}
-        for (model, fraction), est in zip(grid, estimates, strict=True):
-            key = f"{model}@{fraction:g}"
+        for (key, (model, rung, fraction)), est in zip(grid, estimates, strict=True):
             tags = {
                 "mlflow.parentRunId": sweep_run,
                 "kensa.stage": "sweep-trial",
@@ -170,14 +190,12 @@ def sweep(
                 fraction=fraction,
                 seed=seed,
                 device=ctx.config.targets[est.target].device,
-                # A pretrained model trains at the sweep's first rung (a grid over every rung of
-                # `finetunes` is still to come); a from-scratch model at its only one.
-                finetune=s.finetunes_for(is_pretrained(model))[0] if is_pretrained(model) else None,
+                finetune=rung,
                 **s.recipe_fields(),  # type: ignore[arg-type]
             )
             stages[key] = {
                 "data_root": data_root,
-                "out_dir": root / key.replace("@", "_f"),
+                "out_dir": root / key.replace("@", "_f").replace("/", "-"),
                 "train_config": cfg,
                 "policy": ctx.policy,
                 "reference": reference,
@@ -214,7 +232,7 @@ def sweep(
             rob = outcome.metrics["robustness"]
             trial = Trial(
                 key=key,
-                model=outcome.model,
+                model=key.rsplit("@", 1)[0],  # the recipe: fits and curves are drawn per recipe
                 fraction=outcome.fraction,
                 parameters=outcome.parameters,
                 train_images=outcome.train_images,

@@ -50,7 +50,7 @@ CHECKPOINT_FORMAT = "kensa-checkpoint/2"
 class TrainConfig:
     """Everything that decides a training run; saved in the checkpoint and logged to MLflow."""
 
-    model: str = "mobilenet_v3_small"
+    model: str = "efficientnet_lite0"
     epochs: int = 5
     batch_size: int = 32
     lr: float = 2e-3
@@ -540,33 +540,3 @@ def load_checkpoint(run_dir: Path) -> LoadedModel:
         metrics=dict(payload["metrics"]),
         backbone=payload.get("backbone"),
     )
-
-
-def measure_train_throughput(
-    model_name: str,
-    image_size: int,
-    num_classes: int,
-    device: str = "cpu",
-    batch_size: int = 16,
-    steps: int = 2,
-) -> float:
-    """Training images per second of a model on this device, from a few timed steps.
-
-    Used to estimate a stage's device-hours (and so its cost) before it is allowed to start.
-    """
-    model = build_model(model_name, num_classes, input_size=image_size).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.rand(batch_size, 3, image_size, image_size, device=device)
-    y = torch.randint(0, num_classes, (batch_size,), device=device)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        opt.step()
-
-    step()  # warm-up: allocations and kernel selection are not throughput
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * batch_size / max(time.perf_counter() - t0, 1e-9)

@@ -118,6 +118,20 @@ def test_gate_reports_the_gap_for_each_missed_kpi() -> None:
     assert evaluate_gate(uncertified, kpi).gaps == ["review band not certified: few"]
 
 
+def test_gate_reads_test_split_rates_as_a_check_of_the_certificate_not_a_coin_toss() -> None:
+    kpi = load_project_config(None).kpi  # ≤ 5 % at 90 % confidence
+    base = {"escape_rate": 0.02, "automation_rate": 0.9, "band": {"guaranteed": True}}
+    # 41 of 796 good parts: 5.15 %, well within the noise of a certified 5 % rate.
+    noisy = evaluate_gate({**base, "false_reject_rate": 41 / 796, "n_good": 796}, kpi)
+    assert noisy.passed
+    fr_row = next(r for r in noisy.rows if r.kpi == "false reject rate")
+    assert fr_row.achieved.startswith("5.15% (41/796), within sampling: 90% lower bound 4.")
+    # 60 of 796 (7.5 %): the lower bound is above 5 %, so the test split contradicts the band.
+    broken = evaluate_gate({**base, "false_reject_rate": 60 / 796, "n_good": 796}, kpi)
+    assert not broken.passed
+    assert broken.gaps[0].startswith("false reject rate 7.54% (60 of 796 test parts) vs target")
+
+
 def test_power_law_recovers_a_known_curve_and_refuses_to_invent_one() -> None:
     xs = [1e6, 2e6, 4e6, 11e6, 25e6]
     ys = [0.5 * (x / 1e6) ** -0.4 + 0.05 for x in xs]
@@ -133,3 +147,43 @@ def test_effective_robustness_is_distance_above_the_robustness_line() -> None:
     er = effective_robustness([0.1, 0.2, 0.3], [0.2, 0.3, 0.3])
     assert er["slope"] is not None
     assert er["per_trial"][2] > 0 > er["per_trial"][1]  # the last model degrades least
+
+
+def test_sweep_grid_crosses_pretrained_models_with_every_rung_and_names_the_rung_only_when_needed() -> None:
+    from kensa.flows.sweep import sweep_grid
+
+    sweep = {
+        "models": ["efficientnet_lite0", "tiny_cnn"],
+        "finetunes": ["head", "last"],
+        "fractions": [0.5, 1.0],
+    }
+    config = parse_project_config({"sweep": sweep})
+    grid = dict(sweep_grid(config.sweep))
+    assert grid == {
+        "efficientnet_lite0/head@0.5": ("efficientnet_lite0", "head", 0.5),
+        "efficientnet_lite0/head@1": ("efficientnet_lite0", "head", 1.0),
+        "efficientnet_lite0/last@0.5": ("efficientnet_lite0", "last", 0.5),
+        "efficientnet_lite0/last@1": ("efficientnet_lite0", "last", 1.0),
+        "tiny_cnn@0.5": ("tiny_cnn", None, 0.5),  # from scratch: one rung, none named
+        "tiny_cnn@1": ("tiny_cnn", None, 1.0),
+    }
+    one_rung = parse_project_config({"sweep": {"models": ["mobilenet_v2"], "fractions": [1.0]}})
+    assert [k for k, _ in sweep_grid(one_rung.sweep)] == ["mobilenet_v2@1"]
+
+
+def test_a_cached_rung_pays_its_trunk_once_not_every_epoch() -> None:
+    from kensa.models.train.speed import TrainSpeed, measure_train_speed
+
+    cached = TrainSpeed(
+        "efficientnet_lite0", "head", step_images_per_second=100.0, extract_images_per_second=10.0
+    )
+    # 1,000 images: 100 s through the frozen trunk once, then 10 s of head steps per epoch.
+    assert cached.seconds(1000, 20) == pytest.approx(100 + 200)
+    assert cached.effective_rate(1000, 20) == pytest.approx(20_000 / 300)
+    full = TrainSpeed("efficientnet_lite0", "all", step_images_per_second=10.0)
+    assert full.seconds(1000, 20) == pytest.approx(2000)
+    # Measured: the pretrained default rung times its trunk and its head apart; scratch does not.
+    head = measure_train_speed("efficientnet_lite0", 64, 3, steps=1, batch_size=4)
+    assert head.finetune == "head" and head.extract_images_per_second is not None
+    scratch = measure_train_speed("tiny_cnn", 64, 3, steps=1, batch_size=4)
+    assert scratch.finetune == "all" and scratch.extract_images_per_second is None
