@@ -82,7 +82,7 @@ FinetuneName = Literal["head", "last", "all"]
 
 
 class Pilot(Stage, ImageRecipe):
-    model: str = "small_cnn"
+    model: str = "efficientnet_lite0"
     fraction: float = Field(0.5, gt=0, le=1)
     epochs: int = Field(15, ge=1)
     finetune: FinetuneName | None = Field(
@@ -95,7 +95,7 @@ class Pilot(Stage, ImageRecipe):
 
 
 class Sweep(Stage, ImageRecipe):
-    models: list[str] = Field(default_factory=lambda: ["small_cnn", "mobilenet_v3_small"])
+    models: list[str] = Field(default_factory=lambda: ["mobilenet_v2", "efficientnet_lite0"])
     fractions: list[float] = Field(default_factory=lambda: [0.5, 1.0])
     # Rungs each pretrained model is trained at; a from-scratch model always trains "all".
     finetunes: list[FinetuneName] = Field(default_factory=lambda: list[FinetuneName](["head"]))

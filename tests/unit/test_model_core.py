@@ -174,7 +174,7 @@ def test_export_fails_loudly_when_parity_breaks(
 
 def test_export_without_band_names_the_missing_step(tiny_line: Path, tmp_path: Path) -> None:
     run = tmp_path / "raw"
-    train(tiny_line, TrainConfig(epochs=1, fraction=0.3), run, show_progress=False)
+    train(tiny_line, TrainConfig(model="tiny_cnn", epochs=1, fraction=0.3), run, show_progress=False)
     r = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "m.onnx")])
     assert r.exit_code == 2
     assert "kensa evaluate" in r.output
