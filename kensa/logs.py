@@ -30,8 +30,8 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import IO, Any, Literal
 
-LogFormat = Literal["json", "text"]
-FORMATS: tuple[LogFormat, ...] = ("json", "text")
+LogFormat = Literal["auto", "json", "text"]
+FORMATS: tuple[LogFormat, ...] = ("auto", "json", "text")
 
 REQUEST_ID_HEADER = "x-request-id"
 _CORE = frozenset({"ts", "level", "logger", "event", "exc", "exc_type", "stack"})
@@ -156,7 +156,10 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "json", stream: IO[s
     """
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    out = stream if stream is not None else sys.stderr
+    if fmt == "auto":  # a person at a terminal reads text; a collector reads JSON
+        fmt = "text" if out.isatty() else "json"
+    handler = logging.StreamHandler(out)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in root.handlers[:]:

@@ -94,8 +94,10 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles each try.")
 
     log_level: str = "INFO"
-    log_format: Literal["json", "text"] = Field(
-        "json", description="Log lines as JSON objects, or as key=value text for a terminal."
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="Log lines as JSON objects, or as key=value text; auto: text on a terminal, "
+        "JSON everywhere else (containers, files, pipes).",
     )
 
     @field_validator("classes", mode="before")

@@ -138,8 +138,23 @@ def test_configure_logging_sends_kensa_and_uvicorn_through_one_format() -> None:
         r'ts=\S+ level=INFO logger=kensa.serving.x event=verdict model_version=2 note="a b"\n',
         text.getvalue(),
     )
-    with pytest.raises(ValueError, match="json, text"):
+    with pytest.raises(ValueError, match="auto, json, text"):
         configure_logging("INFO", "xml")  # type: ignore[arg-type]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_auto_format_is_text_for_a_person_at_a_terminal_and_json_for_everything_else() -> None:
+    piped, terminal = io.StringIO(), _Terminal()
+    configure_logging("INFO", "auto", stream=piped)
+    logging.getLogger("kensa.cli").info("trained")
+    configure_logging("INFO", "auto", stream=terminal)
+    logging.getLogger("kensa.cli").info("trained")
+    assert json.loads(piped.getvalue())["event"] == "trained"
+    assert re.fullmatch(r"ts=\S+ level=INFO logger=kensa.cli event=trained\n", terminal.getvalue())
 
 
 @pytest.fixture
