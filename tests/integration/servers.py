@@ -35,6 +35,7 @@ max_false_reject_rate = 0.99
 max_corrupted_escape_rate = 1.0
 max_relative_ce = 100
 [pilot]
+model = "small_cnn"
 epochs = 1
 fraction = 0.3
 [sweep]

@@ -28,6 +28,7 @@ LENIENT = f"""
 name = "qc-test"
 {LENIENT_KPI}max_relative_ce = 1000
 [pilot]
+model = "small_cnn"
 epochs = 1
 fraction = 0.4
 [sweep]
@@ -108,7 +109,7 @@ def test_sweep_takes_over_the_pilots_trial_instead_of_paying_twice(
         tmp_path,
         LENIENT,
         **{
-            "[pilot]\n": '[pilot]\nmodel = "tiny_cnn"\n',
+            'model = "small_cnn"': 'model = "tiny_cnn"',
             "fraction = 0.4": "fraction = 0.5",
             '["mobilenet_v3_small", "mobilenet_v3_large"]': '["tiny_cnn", "small_cnn"]',
             "fractions = [0.5, 1.0]": "fractions = [0.5]",
