@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 import threading
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,12 @@ def export_onnx_file(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with _EXPORT_LOCK:  # the TorchScript exporter keeps global state: one export at a time
+        with _EXPORT_LOCK, warnings.catch_warnings():  # one export at a time: global exporter state
+            # The trace is taken at the model's fixed input size (only the batch is dynamic), so
+            # "converting a tensor to a Python integer" in the TF-same padding and the neck's
+            # resize is exactly right; the parity check below is the proof, not these warnings.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
             torch.onnx.export(
                 graph,
                 (dummy,),
