@@ -1,6 +1,11 @@
 """The fine-tuning ladder measured on one synthetic line: quality against CPU cost, rung by rung.
 
-    .venv/bin/python -m bench.ladder --sizes 128,256 --n 2000 --seed 7 [--rungs ...] [--out DIR]
+    .venv/bin/python -m bench.ladder --sizes 128,256 --n 2000,3000 --seed 7 [--rungs ...] [--out DIR]
+
+``--n`` is the number of parts per size (one value for all sizes, or one per size). Each measured
+row is appended to ``OUT/ladder.jsonl`` as it lands, and a row already there (same rung, size,
+parts and seed) is not measured again: a long run can be continued, a size added later, and the
+table and plot are drawn from every row on file.
 
 Each rung (a zoo model and a ``finetune`` value, or a from-scratch model) trains on the same
 dataset version and is judged the way the KPI gate judges it: defect-vs-good AUROC and clean
@@ -74,7 +79,7 @@ def onnx_images_per_second(path: Path, size: int, batch: int = 16, seconds: floa
 
 def measure(key: str, data: Path, size: int, out: Path, seed: int) -> dict[str, Any]:
     rung = RUNGS[key]
-    run_dir = out / f"{rung.model}-{rung.finetune}-{size}"
+    run_dir = out / f"{rung.model}-{rung.finetune}-{size}-{data.name}"
     config = TrainConfig(
         model=rung.model, finetune=rung.finetune, epochs=rung.epochs, image_size=size, seed=seed
     )
@@ -123,16 +128,16 @@ def _pct(x: float | None) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| rung | px | params | clean error | AUROC | automation, escape ≤ 5 % (test esc / FR) "
+        "| rung | px | parts | params | clean error | AUROC | automation, escape ≤ 5 % (test esc / FR) "
         "| automation, escape ≤ 2 % (test esc) | corrupted escape | train CPU-s | train img/s "
-        "| ONNX img/s |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| ONNX img/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
         auto5 = _pct(r["auto5"]) + ("" if r["certified5"] else " (not certified)")
         auto2 = _pct(r["auto2"]) + ("" if r["certified2"] else " (not certified)")
         lines.append(
-            f"| {r['rung']} | {r['size']} | {r['params'] / 1e6:.2f}M | {_pct(r['error'])} "
+            f"| {r['rung']} | {r['size']} | {r.get('n', '')} | {r['params'] / 1e6:.2f}M | {_pct(r['error'])} "
             f"| {r['auroc']:.3f} | {auto5} ({_pct(r['test_escape5'])} / {_pct(r['test_fr5'])}) "
             f"| {auto2} ({_pct(r['test_escape2'])}) | {_pct(r['corrupted_escape'])} "
             f"| {r['train_cpu_s']:.0f} | {r['train_img_s']:.0f} | {r['onnx_img_s']:.0f} |"
@@ -170,7 +175,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", default="128,256")
-    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--n", default="2000", help="parts per size: one value, or one per size")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--rungs", default=",".join(RUNGS))
     parser.add_argument("--out", type=Path, default=Path(".kensa/bench/ladder"))
@@ -180,18 +185,29 @@ def main() -> None:
         f"machine: {platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, "
         f"torch {torch.__version__}, onnxruntime {ort.__version__}; line seed {args.seed}, {args.n} parts"
     )
-    rows: list[dict[str, Any]] = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        data = args.out / f"line-{size}-{args.seed}-{args.n}"
+    sizes = [int(s) for s in args.sizes.split(",")]
+    counts = [int(n) for n in args.n.split(",")]
+    if len(counts) not in (1, len(sizes)):
+        parser.error(f"--n needs one value or one per size ({len(sizes)}); got {args.n}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "ladder.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    for size, n in zip(sizes, counts * len(sizes) if len(counts) == 1 else counts, strict=False):
+        data = args.out / f"line-{size}-{args.seed}-{n}"
         if not (data / ".kensa-dataset.json").exists():
-            generate_dataset(data, n=args.n, seed=args.seed, image_size=size, conditions=LineConditions())
+            generate_dataset(data, n=n, seed=args.seed, image_size=size, conditions=LineConditions())
             ingest_dataset(data, Settings(data_dir=args.out / "home"))
         for key in args.rungs.split(","):
-            row = measure(key, data, size, args.out, seed=0)
+            if any(
+                (r["key"], r["size"], r.get("n"), r.get("seed")) == (key, size, n, args.seed) for r in rows
+            ):
+                continue
+            row = {**measure(key, data, size, args.out, seed=0), "n": n, "seed": args.seed}
             print(json.dumps(row), flush=True)
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
             rows.append(row)
         print(table([r for r in rows if r["size"] == size]), flush=True)
-    (args.out / "ladder.json").write_text(json.dumps(rows, indent=1))
     plot(rows, args.plot)
     print(table(rows))
 

@@ -30,6 +30,7 @@ from kensa.models.onnx.contract import (  # noqa: F401 - re-exported: the export
     read_metadata,
     sha256_file,
 )
+from kensa.models.train.cpu import configure_cpu_training
 from kensa.models.train.trainer import LoadedModel, load_checkpoint, split_tensors
 
 OPSET = 17
@@ -295,6 +296,7 @@ def export_run(
         msg = f"{band_path} is missing; run `kensa evaluate {run_dir}` first to calibrate the band"
         raise FileNotFoundError(msg)
     band = json.loads(band_path.read_text())
+    configure_cpu_training()  # the PCA and parity passes: threads and allocator as in training
     return export_loaded(
         load_checkpoint(run_dir),
         band,
