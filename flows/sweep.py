@@ -1,4 +1,4 @@
-"""Prefect flow `sweep`: model sizes × fine-tuning rungs × data fractions, robustness and cost, then one candidate.
+"""Prefect flow `sweep`: model sizes × fine-tuning rungs × data fractions, robustness, cost; one candidate.
 
 Each trial is a nested MLflow run with clean and corrupted metrics, its training cost and its
 measured inference latency (→ serving cost per million parts). Error-vs-parameters and

@@ -40,7 +40,9 @@ class Device(StrEnum):
 def train_cmd(
     data: Annotated[Path, typer.Option("--data", help="Ingested dataset folder.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
-    model: Annotated[str, typer.Option("--model", help="Zoo model name (`kensa backbones list`).")] = "efficientnet_lite0",
+    model: Annotated[
+        str, typer.Option("--model", help="Zoo model name (`kensa backbones list`).")
+    ] = "efficientnet_lite0",
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 5,
     fraction: Annotated[float, typer.Option("--fraction", help="Share of the training split.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
