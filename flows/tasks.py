@@ -42,6 +42,9 @@ def stage_cache_key(context: TaskRunContext, inputs: dict[str, Any]) -> str | No
         return None
     config: TrainConfig = inputs["train_config"]
     recipe = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in _NOT_THE_RECIPE}
+    # The rung trained, not how it was asked for: a pilot left at the model's default (None) and a
+    # sweep point naming that default ("head") are one recipe.
+    recipe["finetune"] = config.resolved_finetune()
     policy: BandPolicy = inputs["policy"]
     return hash_objects(
         "kensa-stage/1",

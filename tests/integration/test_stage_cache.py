@@ -71,6 +71,9 @@ def _keys(data: str, out: str) -> dict[str, str | None]:
         "model": _inputs(d, o / "a", model="small_cnn"),
         "image_size": _inputs(d, o / "a", image_size=32),
         "band": {**_inputs(d, o / "a"), "policy": BandPolicy(alpha=0.05)},
+        "pretrained": _inputs(d, o / "a", model="efficientnet_lite0"),  # its default rung: head
+        "rung_named": _inputs(d, o / "a", model="efficientnet_lite0", finetune="head"),
+        "rung_last": _inputs(d, o / "a", model="efficientnet_lite0", finetune="last"),
     }
     return {name: stage_cache_key(None, inputs) for name, inputs in variants.items()}  # type: ignore[arg-type]
 
@@ -78,7 +81,9 @@ def _keys(data: str, out: str) -> dict[str, str | None]:
 def test_only_what_defines_the_stage_is_in_its_cache_key(tiny_line: Path, tmp_path: Path) -> None:
     keys = _keys(str(tiny_line), str(tmp_path))
     assert keys["base"] and keys["elsewhere"] == keys["base"]  # where and how long: not the recipe
-    others = [k for name, k in keys.items() if name not in ("base", "elsewhere")]
+    # A pilot left at the model's default rung and a sweep point naming it train the same thing.
+    assert keys["rung_named"] == keys["pretrained"]
+    others = [k for name, k in keys.items() if name not in ("base", "elsewhere", "rung_named")]
     assert len(set(others)) == len(others) and keys["base"] not in others
     # Another top-level run: another scope, another key for the same recipe.
     assert _keys(str(tiny_line), str(tmp_path))["base"] != keys["base"]
