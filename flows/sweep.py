@@ -71,7 +71,8 @@ def estimate_sweep(ctx: FlowContext, data_root: Path) -> list[Estimate]:
     size = s.image_size or dataset_image_size(ds)
     grid = sweep_grid(s)
     targets = place_trials(len(grid), ctx.config)
-    speeds = {(m, r): measure_train_speed(m, size, len(ds.classes), r) for _, (m, r, _f) in grid}
+    recipes = dict.fromkeys((m, r) for _, (m, r, _f) in grid)  # timed once, not once per fraction
+    speeds = {(m, r): measure_train_speed(m, size, len(ds.classes), r) for m, r in recipes}
     n_train = len(ds.split("train"))
     estimates = []
     for (key, (m, r, f)), t in zip(grid, targets, strict=True):

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from kensa.models.data.ingest import DatasetVersion
-from kensa.models.nets.zoo import Finetune, QCNet, build_model, count_parameters
+from kensa.models.nets.zoo import Finetune, QCNet, build_model
 from kensa.models.train.feature_cache import FeatureKey, FeatureMaps, feature_maps
 from kensa.models.train.finetune import (
     FromMaps,
@@ -40,7 +40,6 @@ from kensa.models.train.finetune import (
     trunk_maps,
 )
 from kensa.models.train.trainer import (
-    CHECKPOINT_NAME,
     DistInfo,
     EpochKeeper,
     TrainConfig,
@@ -226,25 +225,16 @@ def train_from_features(
             val_loss, val_acc = _validate(step, val_maps, val_labels, device)
             if keeper.end_epoch(epoch, running / max(1, len(loader)), val_loss, val_acc, model):
                 break
-    elapsed = time.perf_counter() - t0
-    result = TrainResult(
-        run_dir=out_dir,
-        checkpoint=out_dir / CHECKPOINT_NAME,
-        model=config.model,
-        parameters=count_parameters(model),
-        epochs_run=epoch,
-        best_epoch=keeper.best_epoch,
-        best_validation_loss=keeper.best_loss,
-        validation_accuracy=keeper.best_acc,
-        images_per_second=seen / max(elapsed, 1e-9),
-        train_seconds=elapsed,
-        stopped_early=keeper.stopped_early,
-        train_images=len(rows),
-        history=keeper.history,
-        finetune=finetune,
+    result = keeper.result(
+        out_dir,
+        model,
+        groups,
+        epoch,
+        seen,
+        len(rows),
+        finetune,
         feature_cache=found.source,
         feature_seconds=found.seconds,
-        trainable_parameters=sum(p.numel() for g in groups for p in g["params"]),
     )
     if info.is_main:
         state = keeper.best_state or model.state_dict()

@@ -182,6 +182,38 @@ class EpochKeeper:
             self.stopped_early = True
         return self.stopped_early
 
+    def result(
+        self,
+        out_dir: Path,
+        model: nn.Module,
+        groups: list[dict[str, Any]],
+        epochs_run: int,
+        images_seen: int,
+        train_images: int,
+        finetune: str,
+        **extra: Any,
+    ) -> TrainResult:
+        """The run's :class:`TrainResult` when training ends now; ``extra``: the cache's fields."""
+        elapsed = time.perf_counter() - self.t0
+        return TrainResult(
+            run_dir=out_dir,
+            checkpoint=out_dir / CHECKPOINT_NAME,
+            model=self.config.model,
+            parameters=count_parameters(model),
+            epochs_run=epochs_run,
+            best_epoch=self.best_epoch,
+            best_validation_loss=self.best_loss,
+            validation_accuracy=self.best_acc,
+            images_per_second=images_seen / max(elapsed, 1e-9),
+            train_seconds=elapsed,
+            stopped_early=self.stopped_early,
+            train_images=train_images,
+            history=self.history,
+            finetune=finetune,
+            trainable_parameters=sum(p.numel() for g in groups for p in g["params"]),
+            **extra,
+        )
+
 
 def seed_everything(seed: int) -> None:
     """Same seed, same run: Python hash-free RNGs, numpy, torch, deterministic kernels on CPU."""
@@ -424,24 +456,7 @@ def train(
                 val_loss, val_acc = _validation_loss(model, val, device)
                 if keeper.end_epoch(epoch, running / max(1, len(loader)), val_loss, val_acc, model):
                     break
-        elapsed = time.perf_counter() - t0
-        result = TrainResult(
-            run_dir=out_dir,
-            checkpoint=out_dir / CHECKPOINT_NAME,
-            model=config.model,
-            parameters=count_parameters(model),
-            epochs_run=epoch,
-            best_epoch=keeper.best_epoch,
-            best_validation_loss=keeper.best_loss,
-            validation_accuracy=keeper.best_acc,
-            images_per_second=seen / max(elapsed, 1e-9),
-            train_seconds=elapsed,
-            stopped_early=keeper.stopped_early,
-            train_images=len(train_data),
-            history=keeper.history,
-            finetune=finetune,
-            trainable_parameters=sum(p.numel() for g in groups for p in g["params"]),
-        )
+        result = keeper.result(out_dir, model, groups, epoch, seen, len(train_data), finetune)
         if info.is_main:
             save_checkpoint(
                 result, config, ds, image_size, keeper.best_state or model.state_dict(), provenance(model)
