@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+import numpy as np
+
 from kensa.settings import DEFAULT_CLASSES
 
 CLASSES: tuple[str, ...] = DEFAULT_CLASSES
@@ -32,13 +34,18 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "line",
     "camera",
     "variant",
+    "mask",  # the defect mask's path (empty for good parts)
     *CONDITION_COLUMNS,
 )
 MANIFEST_NAME = "manifest.csv"
 MARKER_NAME = ".kensa-line.json"  # marks a folder as our output, so re-generating may replace it
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: defect masks (.masks/, manifest column "mask")
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
 REFERENCE_SIZE = 128  # "px" parameters are pixels at this image size
+# A pixel belongs to a defect's mask where the mark changed the surface's brightness by more than
+# this fraction: below it the mark is invisible under the line's noise at any setting.
+MASK_CONTRAST = 0.03
+MASKS_DIR = ".masks"  # <dataset>/.masks/<part_id>.png; hidden, so no loader takes it for a class
 
 # Value sweeps that show each condition from mild to severe (sample sheets, robustness checks).
 CONDITION_SWEEPS: dict[str, tuple[float, ...]] = {
@@ -206,6 +213,9 @@ class PartRecord:
     ``conditions`` holds the per-part values actually used (after jitter), keyed by
     :data:`CONDITION_COLUMNS`. ``defect_severity`` is 0 (barely visible) .. 1 (obvious) and
     ``defect_box`` the defect's pixel box ``(x0, y0, x1, y1)``; both ``None`` for ok parts.
+    ``defect_mask`` is the defect's pixels, ``(S, S)`` bool, where the mark changed the surface
+    by more than :data:`MASK_CONTRAST` (for a missing hole: where the hole should be); it is what
+    pixel-level metrics of anomaly maps are measured against.
     """
 
     part_id: str
@@ -217,9 +227,10 @@ class PartRecord:
     conditions: dict[str, float] = field(default_factory=dict)
     defect_severity: float | None = None
     defect_box: tuple[int, int, int, int] | None = None
+    defect_mask: np.ndarray | None = field(default=None, repr=False, compare=False)
 
-    def manifest_row(self, path: str) -> dict[str, str]:
-        """One manifest.csv row; ``path`` is relative to the dataset folder, with ``/``."""
+    def manifest_row(self, path: str, mask: str = "") -> dict[str, str]:
+        """One manifest.csv row; ``path`` and ``mask`` are relative to the dataset folder."""
         row = {
             "path": path,
             "label": self.label,
@@ -227,6 +238,7 @@ class PartRecord:
             "line": self.line,
             "camera": self.camera,
             "variant": self.variant,
+            "mask": mask,
         }
         row.update({k: _fmt(self.conditions[k]) for k in CONDITION_COLUMNS})
         return row

@@ -8,16 +8,18 @@ import shutil
 import struct
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from kensa.models.line.conditions import (
     GENERATOR_VERSION,
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
     MARKER_NAME,
+    MASKS_DIR,
     LineConditions,
     PartRecord,
     _check_size,
@@ -60,8 +62,9 @@ def generate_dataset(
 ) -> Path:
     """Write ``n`` parts as an ImageFolder dataset plus ``manifest.csv``; return the manifest path.
 
-    Layout: ``out_dir/<label>/<part_id>.png`` (only classes that occur get a folder). Manifest
-    columns: :data:`MANIFEST_COLUMNS`. Same arguments give byte-identical files. The dataset is
+    Layout: ``out_dir/<label>/<part_id>.png`` (only classes that occur get a folder), and each
+    defective part's mask (white = defect) in ``out_dir/.masks/<part_id>.png``, named in the
+    manifest's ``mask`` column. Manifest columns: :data:`MANIFEST_COLUMNS`. Same arguments give byte-identical files. The dataset is
     built in a temporary sibling folder and renamed into place, so a failure leaves no half
     dataset; a previous output in ``out_dir`` is replaced, anything else there is refused.
     """
@@ -81,7 +84,12 @@ def generate_dataset(
             rel = f"{rec.label}/{rec.part_id}.png"
             (tmp / rec.label).mkdir(exist_ok=True)
             (tmp / rel).write_bytes(encode_png(image))
-            rows.append(rec.manifest_row(rel))
+            mask = ""
+            if rec.defect_mask is not None:
+                mask = f"{MASKS_DIR}/{rec.part_id}.png"
+                (tmp / MASKS_DIR).mkdir(exist_ok=True)
+                (tmp / mask).write_bytes(encode_png(rec.defect_mask.astype(np.uint8) * 255))
+            rows.append(rec.manifest_row(rel, mask))
             if progress is not None:
                 progress(done, n)
         with (tmp / MANIFEST_NAME).open("w", newline="", encoding="utf-8") as fh:
@@ -105,14 +113,15 @@ def generate_dataset(
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of an (H, W, 3) uint8 image: "up" row filter, zlib level 1, no metadata.
+    """PNG bytes of an (H, W, 3) RGB or (H, W) grey uint8 image: "up" row filter, zlib level 1.
 
     Four times faster than Pillow's adaptive encoder at the same size (sensor noise barely
-    compresses further), and the bytes depend only on the pixels.
+    compresses further), and the bytes depend only on the pixels. No metadata.
     """
-    h, w, _ = image.shape
-    rows = np.ascontiguousarray(image).reshape(h, w * 3)
-    raw = np.empty((h, w * 3 + 1), np.uint8)
+    h, w = image.shape[:2]
+    channels = 1 if image.ndim == 2 else 3
+    rows = np.ascontiguousarray(image).reshape(h, w * channels)
+    raw = np.empty((h, w * channels + 1), np.uint8)
     raw[:, 0] = 2  # filter type "up": each row minus the row above (uint8 wrap-around)
     raw[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])
@@ -120,13 +129,23 @@ def encode_png(image: np.ndarray) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    colour_type = 0 if channels == 1 else 2  # 8-bit grey or RGB, no interlace
+    header = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
         + chunk(b"IDAT", zlib.compress(raw.tobytes(), 1))
         + chunk(b"IEND", b"")
     )
+
+
+def read_mask(dataset_dir: str | Path, row: Mapping[str, str]) -> np.ndarray | None:
+    """The defect mask of a manifest row, (H, W) bool; ``None`` for a part without one."""
+    rel = row.get("mask") or ""
+    if not rel:
+        return None
+    with Image.open(Path(dataset_dir) / rel) as im:
+        return np.asarray(im.convert("L")) > 127
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kensa.models.line.conditions import (
+    MASK_CONTRAST,
     CAMERAS,
     CLASSES,
     DEFECT_TYPES,
@@ -199,11 +200,16 @@ def generate_part(
     severity: float | None = None
     box: tuple[int, int, int, int] | None = None
     _nuisance(sc, np.random.default_rng([rng_seed, 2]))
+    mask: np.ndarray | None = None
     if label != "ok":
+        before = sc.lum.copy()
         if missing is not None:
             severity, win = _missing_hole(sc, defect_rng, missing)
+            # The defect is the hole that is not there, whether or not the spot looks different.
+            mask = np.hypot(qx - missing[0], qy - missing[1]) < missing[2]
         else:
             severity, win = _DEFECT_DRAW[label](sc, defect_rng)
+            mask = np.abs(sc.lum - before) > MASK_CONTRAST * np.maximum(np.abs(before), 0.05)
         box = (win[1].start, win[0].start, win[1].stop, win[0].stop)
 
     # Compose channel-first (3, S, S): broadcasting over the leading axis is the fast one.
@@ -242,6 +248,7 @@ def generate_part(
         conditions=applied,
         defect_severity=severity,
         defect_box=box,
+        defect_mask=None if mask is None else mask & (alpha > 0.5),
     )
     return np.ascontiguousarray(image), record
 

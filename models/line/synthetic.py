@@ -32,6 +32,8 @@ from kensa.models.line.conditions import (
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
     MARKER_NAME,
+    MASK_CONTRAST,
+    MASKS_DIR,
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     REFERENCE_SIZE,
@@ -45,6 +47,7 @@ from kensa.models.line.dataset import (
     generate_dataset,
     iter_parts,
     read_manifest,
+    read_mask,
 )
 from kensa.models.line.render import generate_part, part_seed
 from kensa.models.line.samples import save_sample_sheets
@@ -60,6 +63,8 @@ __all__ = [
     "MANIFEST_COLUMNS",
     "MANIFEST_NAME",
     "MARKER_NAME",
+    "MASK_CONTRAST",
+    "MASKS_DIR",
     "MAX_IMAGE_SIZE",
     "MIN_IMAGE_SIZE",
     "REFERENCE_SIZE",
@@ -72,6 +77,7 @@ __all__ = [
     "generate_dataset",
     "generate_part",
     "iter_parts",
+    "read_mask",
     "part_seed",
     "read_manifest",
     "save_sample_sheets",

@@ -24,6 +24,7 @@ from kensa.models.line.synthetic import (
     iter_parts,
     part_seed,
     read_manifest,
+    read_mask,
 )
 
 SIZE = 64
@@ -47,10 +48,12 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path: Path) 
     b = _files(generate_dataset(tmp_path / "b", 12, seed=5, image_size=SIZE).parent)
     c = _files(generate_dataset(tmp_path / "c", 12, seed=6, image_size=SIZE).parent)
     assert a == b
-    assert len(a) == 12 + 2  # images, manifest, marker
+    masks = [k for k in a if k.startswith(".masks/")]
+    assert len(a) == 12 + len(masks) + 2  # images, a mask per defective part, manifest, marker
+    assert len(masks) == sum(",defect_" in line for line in a["manifest.csv"].decode().splitlines())
     assert a["manifest.csv"] != c["manifest.csv"]
-    pngs_a = sorted(v for k, v in a.items() if k.endswith(".png"))
-    pngs_c = sorted(v for k, v in c.items() if k.endswith(".png"))
+    pngs_a = sorted(v for k, v in a.items() if k.endswith(".png") and not k.startswith(".masks/"))
+    pngs_c = sorted(v for k, v in c.items() if k.endswith(".png") and not k.startswith(".masks/"))
     assert not set(pngs_a) & set(pngs_c)
 
 
@@ -117,6 +120,15 @@ def test_defect_changes_the_same_part_only_locally(label: str, seed: int) -> Non
     inside[max(y0 - 2, 0) : y1 + 2, max(x0 - 2, 0) : x1 + 2] = True  # blur spreads ~2 px
     assert diff[~inside].sum() <= 0.02 * diff.sum()
     assert inside.mean() < 0.4
+    # The mask is where the part changed: inside the box, and most changed pixels are in it.
+    mask = record.defect_mask
+    assert mask is not None and mask.shape == (SIZE, SIZE) and mask.any()
+    assert not (mask & ~inside).any()
+    if label != "defect_missing_hole":  # a missing hole may look like bare metal: the mask is the hole
+        grown = mask.copy()
+        for axis, step in ((0, 1), (0, -1), (1, 1), (1, -1)):  # grow by a pixel: the blur spreads it
+            grown |= np.roll(mask, step, axis=axis)
+        assert diff[grown].sum() >= 0.5 * diff.sum()
 
 
 def test_manifest_columns_rows_and_files_agree(tmp_path: Path) -> None:
@@ -127,12 +139,17 @@ def test_manifest_columns_rows_and_files_agree(tmp_path: Path) -> None:
         assert tuple(next(csv.reader(fh))) == MANIFEST_COLUMNS
     rows = read_manifest(manifest)
     assert len(rows) == 20 and len({r["part_id"] for r in rows}) == 20
-    on_disk = Counter(p.parent.name for p in out.glob("*/*.png"))
+    on_disk = Counter(p.parent.name for p in out.glob("[!.]*/*.png"))
     assert on_disk == Counter(r["label"] for r in rows)
     for row in rows:
         assert row["path"] == f"{row['label']}/{row['part_id']}.png"
         assert Image.open(out / row["path"]).size == (SIZE, SIZE)
         assert row["camera"] in {"C1", "C2"} and row["line"] == "L1"
+        mask = read_mask(out, row)
+        if row["label"] == "ok":
+            assert row["mask"] == "" and mask is None
+        else:  # hidden folder: an ImageFolder loader does not take the masks for a class
+            assert row["mask"].startswith(".masks/") and mask is not None and mask.any()
         assert all(float(row[c]) == float(row[c]) for c in CONDITION_COLUMNS)
 
 
@@ -179,7 +196,7 @@ def test_regenerating_replaces_previous_output(tmp_path: Path) -> None:
     generate_dataset(out, 6, seed=0, image_size=SIZE)
     generate_dataset(out, 3, seed=1, image_size=SIZE)
     assert len(read_manifest(out / "manifest.csv")) == 3
-    assert len(list(out.glob("*/*.png"))) == 3
+    assert len(list(out.glob("[!.]*/*.png"))) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
