@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.ladder --sizes 128,256 --n 2000,3000 --seed 7 [--rungs ...] [--out DIR]
 
 ``--n`` is the number of parts per size (one value for all sizes, or one per size). Each measured
-row is appended to ``OUT/ladder.jsonl`` as it lands, and a row already there (same rung, size,
+row is appended to ``--log`` (``docs/data/ladder.jsonl``, kept in git beside the table it feeds) as
+it lands, and a row already there (same rung, size,
 parts and seed) is not measured again: a long run can be continued, a size added later, and the
 table and plot are drawn from every row on file.
 
@@ -179,6 +180,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--rungs", default=",".join(RUNGS))
     parser.add_argument("--out", type=Path, default=Path(".kensa/bench/ladder"))
+    parser.add_argument("--log", type=Path, default=Path("docs/data/ladder.jsonl"))
     parser.add_argument("--plot", type=Path, default=Path("docs/images/ladder.png"))
     args = parser.parse_args()
     print(
@@ -190,7 +192,8 @@ def main() -> None:
     if len(counts) not in (1, len(sizes)):
         parser.error(f"--n needs one value or one per size ({len(sizes)}); got {args.n}")
     args.out.mkdir(parents=True, exist_ok=True)
-    log = args.out / "ladder.jsonl"
+    log = args.log
+    log.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     for size, n in zip(sizes, counts * len(sizes) if len(counts) == 1 else counts, strict=False):
         data = args.out / f"line-{size}-{args.seed}-{n}"

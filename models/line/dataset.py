@@ -64,9 +64,10 @@ def generate_dataset(
 
     Layout: ``out_dir/<label>/<part_id>.png`` (only classes that occur get a folder), and each
     defective part's mask (white = defect) in ``out_dir/.masks/<part_id>.png``, named in the
-    manifest's ``mask`` column. Manifest columns: :data:`MANIFEST_COLUMNS`. Same arguments give byte-identical files. The dataset is
-    built in a temporary sibling folder and renamed into place, so a failure leaves no half
-    dataset; a previous output in ``out_dir`` is replaced, anything else there is refused.
+    manifest's ``mask`` column. Manifest columns: :data:`MANIFEST_COLUMNS`. Same arguments give
+    byte-identical files. The dataset is built in a temporary sibling folder and renamed into
+    place, so a failure leaves no half dataset; a previous output in ``out_dir`` is replaced,
+    anything else there is refused.
     """
     out_dir = Path(out_dir)
     conditions = conditions or LineConditions()

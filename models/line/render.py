@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from kensa.models.line.conditions import (
-    MASK_CONTRAST,
     CAMERAS,
     CLASSES,
     DEFECT_TYPES,
+    MASK_CONTRAST,
     REFERENCE_SIZE,
     VARIANTS,
     LineConditions,

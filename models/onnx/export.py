@@ -176,8 +176,18 @@ def export_onnx_file(
     metadata: dict[str, Any],
     pca: tuple[torch.Tensor, torch.Tensor],
 ) -> Path:
-    """Write the ONNX graph with kensa metadata to ``out`` (atomically) and check it."""
+    """Write a classifier's ONNX graph with kensa metadata to ``out`` (atomically) and check it."""
     graph = ExportGraph(net, *pca).eval()
+    return write_onnx(graph, input_size, out, metadata, ["probs", "features"])
+
+
+def write_onnx(
+    graph: nn.Module, input_size: int, out: Path, metadata: dict[str, Any], output_names: list[str]
+) -> Path:
+    """Trace ``graph`` (uint8 NHWC ``images`` in, ``output_names`` out, batch dynamic) to ``out``.
+
+    The file is written atomically with kensa's metadata and checked by ``onnx.checker``.
+    """
     dummy = torch.zeros(2, input_size, input_size, 3, dtype=torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=out.parent)
@@ -201,12 +211,8 @@ def export_onnx_file(
                 dynamo=False,
                 opset_version=OPSET,
                 input_names=["images"],
-                output_names=["probs", "features"],
-                dynamic_axes={
-                    "images": {0: "batch"},
-                    "probs": {0: "batch"},
-                    "features": {0: "batch"},
-                },
+                output_names=output_names,
+                dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in output_names}},
             )
         proto = onnx.load(str(tmp))
         for key, value in metadata.items():
