@@ -81,12 +81,22 @@ def ingest(
         str | None,
         typer.Option("--classes", help="Accepted labels, comma-separated, 'ok' first (default: settings)."),
     ] = None,
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            help="classify (ok + defect classes), anomaly (learn from ok parts only; defective "
+            "parts optional, for calibration and test) or auto: anomaly when every part is ok.",
+        ),
+    ] = "auto",
 ) -> None:
     """Validate, split and version a dataset; write DIR/.kensa-dataset.json."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from kensa.models.data.ingest import DATASET_FILE, DatasetError, ingest_dataset
+    from kensa.models.data.ingest import DATASET_FILE, TASKS, DatasetError, ingest_dataset
 
+    if task not in TASKS:
+        raise fail(f"--task {task!r} is not accepted; use one of: {', '.join(TASKS)}", ExitCode.INVALID)
     settings = _with_classes(get_settings(), classes)
     with Progress(
         TextColumn("checking images"),
@@ -97,13 +107,13 @@ def ingest(
         # A bar redrawn into a pipe or log file is noise; show it only on a terminal.
         disable=not console.is_terminal,
     ) as bar:
-        task = bar.add_task("check", total=None)
+        bar_task = bar.add_task("check", total=None)
 
         def advance(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            bar.update(bar_task, completed=done, total=total)
 
         try:
-            dataset = ingest_dataset(directory, settings, manifest=manifest, progress=advance)
+            dataset = ingest_dataset(directory, settings, manifest=manifest, progress=advance, task=task)
         except DatasetError as exc:
             bar.stop()
             # The report is many lines that start with what is wrong; print it as it is (Text:
@@ -126,7 +136,10 @@ def ingest(
         soft_wrap=True,
     )
     console.print(
-        Text(f"classes: {', '.join(dataset.classes)}; written {dataset.root / DATASET_FILE}"),
+        Text(
+            f"task: {dataset.task}; classes: {', '.join(dataset.classes)}; "
+            f"written {dataset.root / DATASET_FILE}"
+        ),
         soft_wrap=True,
     )
     _print_card(dataset.card)

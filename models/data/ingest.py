@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kensa.models.data.discover import DATASET_FILE, MANIFEST_NAME, discover_imagefolder, discover_manifest
-from kensa.models.data.splits import SplitItem, assign_splits, check_split_coverage
+from kensa.models.data.splits import SplitItem, anomaly_splits, assign_splits, check_split_coverage
 from kensa.models.data.validate import (
     SPLITS,
     DatasetError,
@@ -167,6 +167,9 @@ def compute_version(triples: Iterable[tuple[str, str, str]]) -> str:
     return digest.hexdigest()
 
 
+TASKS = ("auto", "classify", "anomaly")
+
+
 @dataclass(frozen=True)
 class DatasetVersion:
     """An ingested dataset: its records, classes (``ok`` first) and content version."""
@@ -179,6 +182,9 @@ class DatasetVersion:
     records: tuple[ImageRecord, ...]
     source: str = "imagefolder"
     notes: tuple[Problem, ...] = ()
+    # "classify": every class learned from labelled parts; "anomaly": learned from ok parts only
+    # (defective parts, if any, only calibrate and test).
+    task: str = "classify"
 
     @property
     def short_version(self) -> str:
@@ -206,6 +212,7 @@ class DatasetVersion:
             "classes": list(self.classes),
             "created_at": self.created_at,
             "source": self.source,
+            "task": self.task,
             "settings": asdict(self.settings),
             # The card is derived from the records; stored for people reading the file.
             "card": self.card.to_json(),
@@ -227,12 +234,19 @@ def ingest_dataset(
     manifest: Path | None = None,
     progress: Progress | None = None,
     write: bool = True,
+    task: str = "auto",
 ) -> DatasetVersion:
     """Validate, split and version the images under ``root``; write ``root/.kensa-dataset.json``.
 
     Raises DatasetError with every problem found when the data is invalid; then nothing is
     written. ``progress(done, total)`` is called as files are hashed and decoded.
+
+    ``task`` is ``classify`` (ok and defect classes, each in every split), ``anomaly`` (learn from
+    ok parts only: defective parts are optional and go to calibration and test, never to
+    training) or ``auto``: ``anomaly`` when every labelled part is ok, else ``classify``.
     """
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
     root = root.resolve()
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
@@ -257,21 +271,27 @@ def ingest_dataset(
             progress(done, len(entries))
 
     labelled = [(e, i) for e, i in checked if e.label in classes]
+    if task == "auto":
+        task = "anomaly" if labelled and all(e.label == "ok" for e, _ in labelled) else "classify"
     problems += check_labels(entries, classes)
     problems += check_duplicates(checked)
     problems += check_part_leaks(entries)
-    problems += check_class_counts(
-        [e.label for e, _ in labelled],
-        classes,
-        rules.min_images_per_class,
-        [f for f in folders if f in classes],
-    )
+    labels = [e.label for e, _ in labelled]
+    if task == "anomaly":
+        problems += check_good_parts(labels, rules.min_images_per_class)
+    else:
+        problems += check_class_counts(
+            labels, classes, rules.min_images_per_class, [f for f in folders if f in classes]
+        )
 
     items = [SplitItem(e.path, e.label, i.sha256, e.part_id, e.split) for e, i in labelled]
     splits = assign_splits(items, rules.split_fractions, rules.split_seed)
     # Classes already reported as too small would trivially miss splits; don't repeat them.
     counts = Counter(item.label for item in items)
     big_enough = {label for label, n in counts.items() if n >= rules.min_images_per_class}
+    if task == "anomaly":
+        splits = anomaly_splits(items, splits)
+        big_enough &= {"ok"}  # defective parts are evaluation data: any split but training
     problems += check_split_coverage(items, splits, big_enough)
 
     if any(p.severity == "error" for p in problems):
@@ -304,10 +324,26 @@ def ingest_dataset(
         records=records,
         source=source,
         notes=tuple(problems),
+        task=task,
     )
     if write:
         write_dataset(dataset)
     return dataset
+
+
+def check_good_parts(labels: Sequence[str], min_images: int) -> list[Problem]:
+    """An anomaly dataset needs good parts, enough of them; defective ones are optional."""
+    n_ok = sum(label == "ok" for label in labels)
+    if n_ok >= min_images:
+        return []
+    return [
+        Problem(
+            "too_few_images",
+            f"a dataset learned from good parts needs at least {min_images} 'ok' images "
+            f"(KENSA_MIN_IMAGES_PER_CLASS); found {n_ok}",
+            "ok/",
+        )
+    ]
 
 
 def classes_found(labels: Iterable[str], defaults: Sequence[str]) -> tuple[str, ...]:
@@ -387,6 +423,7 @@ def load_dataset(root: Path, verify: bool = False) -> DatasetVersion:
             records=records,
             source=data.get("source", "imagefolder"),
             notes=notes,
+            task=data.get("task", "classify"),
         )
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise _bad_file(path, f"cannot be read ({exc!r})") from exc

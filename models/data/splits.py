@@ -130,6 +130,22 @@ def assign_splits(items: Sequence[SplitItem], fractions: Sequence[float], seed: 
     return result
 
 
+def anomaly_splits(items: Sequence[SplitItem], splits: Sequence[str]) -> list[str]:
+    """Splits for a model that learns from good parts only: a part with a defective image never
+    trains. Parts drawn for training that hold one move, whole, to calibration (where they
+    certify the escape rate) and test, alternately; splits the manifest fixed are kept.
+    """
+    out = list(splits)
+    turn = 0
+    for g in sorted(_groups(items), key=lambda g: min(items[i].key for i in g.members)):
+        moving = g.fixed is None and any(items[i].label != "ok" and out[i] == "train" for i in g.members)
+        if moving:
+            for i in g.members:
+                out[i] = ("calibration", "test")[turn % 2]
+            turn += 1
+    return out
+
+
 def check_split_coverage(
     items: Sequence[SplitItem], splits: Sequence[str], labels: Iterable[str]
 ) -> list[Problem]:

@@ -256,6 +256,38 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..
     get_settings.cache_clear()
 
 
+def test_good_parts_only_ingest_as_an_anomaly_dataset(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "ds", {"ok": 20})
+    dataset = ingest_dataset(root, settings())
+    assert dataset.task == "anomaly" and dataset.classes == ("ok",)
+    assert all(dataset.split(s) for s in SPLITS)
+    assert load_dataset(root).task == "anomaly"  # recorded with the version
+
+
+def test_anomaly_task_keeps_defective_parts_out_of_training(tmp_path: Path) -> None:
+    # Two defective images only: too few for a class of a classifier, enough to test with.
+    root = make_imagefolder(tmp_path / "ds", {"ok": 20, "defect_scratch": 2, "defect_dent": 4})
+    with pytest.raises(DatasetError, match="defect_scratch"):
+        ingest_dataset(root, settings(), task="classify")
+    dataset = ingest_dataset(root, settings(), task="anomaly")
+    assert dataset.task == "anomaly"
+    assert {r.label for r in dataset.split("train")} == {"ok"}
+    defective = [r for r in dataset.records if r.label != "ok"]
+    assert len(defective) == 6 and {r.split for r in defective} == {"calibration", "test"}
+    with pytest.raises(DatasetError, match="at least 5 'ok' images"):
+        ingest_dataset(
+            make_imagefolder(tmp_path / "few", {"ok": 3, "defect_dent": 9}), settings(), task="anomaly"
+        )
+
+
+def test_cli_task_option(tmp_path: Path, cli: Callable[..., Result]) -> None:
+    root = make_imagefolder(tmp_path / "ds", {"ok": 12})
+    bad = cli(str(root), "--task", "segment")
+    assert bad.exit_code == 2 and "auto, classify, anomaly" in bad.stderr
+    result = cli(str(root))
+    assert result.exit_code == 0 and "task: anomaly" in result.stdout
+
+
 def test_cli_ingest_prints_version_and_card(tmp_path: Path, cli: Callable[..., Result]) -> None:
     root = make_imagefolder(tmp_path / "ds", {"ok": 6, "defect_scratch": 5})
     result = cli(str(root))
@@ -282,7 +314,7 @@ def _empty(root: Path) -> list[str]:
 
 
 def _one_class(root: Path) -> list[str]:
-    make_imagefolder(root, {"ok": 6})
+    make_imagefolder(root, {"defect_scratch": 6})  # ok parts only would be an anomaly dataset
     return ["a dataset needs 'ok' and at least one defect class"]
 
 
