@@ -52,7 +52,7 @@ def _mask(r: ImageRecord, size: int) -> np.ndarray:
     if not rel:
         return np.zeros((size, size), bool)
     with Image.open(r.root / rel) as im:
-        return np.asarray(im.convert("L").resize((size, size), Image.NEAREST)) > 127
+        return np.asarray(im.convert("L").resize((size, size), Image.Resampling.NEAREST)) > 127
 
 
 def measure(data: Path, size: int, good: str, out: Path, seed: int) -> dict[str, Any]:

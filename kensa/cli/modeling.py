@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from enum import StrEnum
 from pathlib import Path
@@ -41,7 +42,12 @@ def train_cmd(
     data: Annotated[Path, typer.Option("--data", help="Ingested dataset folder.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
     model: Annotated[
-        str, typer.Option("--model", help="Zoo model name (`kensa backbones list`).")
+        str,
+        typer.Option(
+            "--model",
+            help="Zoo model name (`kensa backbones list`), or patchcore: learn from the good "
+            "parts alone (anomaly model, no training epochs).",
+        ),
     ] = "efficientnet_lite0",
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 5,
     fraction: Annotated[float, typer.Option("--fraction", help="Share of the training split.")] = 1.0,
@@ -92,6 +98,9 @@ def train_cmd(
     except ValueError as exc:
         raise fail(f"--roi: {exc}") from None
     chosen = fit or (FitChoice.ROI if box is not None else FitChoice.LETTERBOX)
+    if model == "patchcore":
+        _fit_anomaly(data, out, image_size, chosen.value, seed)
+        return
     config = TrainConfig(
         model=model,
         epochs=epochs,
@@ -131,6 +140,35 @@ def train_cmd(
             f"({result.feature_seconds:.1f} s of the {result.train_seconds:.1f} s)"
         )
     console.print(f"checkpoint: {escape(str(result.checkpoint))}")
+
+
+def _fit_anomaly(data: Path, out: Path, image_size: int | None, fit: str, seed: int) -> None:
+    from rich.progress import Progress
+
+    from kensa.models.data.ingest import DatasetError
+    from kensa.models.nets.backbones import BackboneError
+    from kensa.models.nets.patchcore import PatchCoreConfig
+    from kensa.models.train.anomaly import fit_anomaly_run
+
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        tasks: dict[str, Any] = {}
+
+        def advance(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        try:
+            path = fit_anomaly_run(data, out, PatchCoreConfig(seed=seed), image_size, fit, advance)
+        except (ValueError, FileNotFoundError, DatasetError, BackboneError) as exc:
+            bar.stop()
+            raise fail(str(exc)) from None
+    summary = json.loads((out / "train.json").read_text())
+    console.print(
+        f"fitted patchcore on {summary['good_parts']} good parts: bank {summary['bank_size']} of "
+        f"{summary['patches_seen']} patches, {summary['fit_seconds']:.1f} s"
+    )
+    console.print(f"checkpoint: {escape(str(path))}")
 
 
 def print_qc_table(metrics: dict[str, Any], title: str = "QC on the test split") -> None:
@@ -207,7 +245,16 @@ def evaluate_cmd(
     """Evaluate a run like a QC lead: band, escapes, false rejects, slices, robustness, plots."""
     from kensa.models.data.ingest import DatasetError
     from kensa.models.evaluation.evaluate_run import BandPolicy, evaluate_run
+    from kensa.models.train.anomaly import is_anomaly_run
 
+    if is_anomaly_run(run_dir):
+        if corruptions or reference or data:
+            raise fail(
+                "--corruptions, --reference and --data are not supported for anomaly models yet; "
+                "an anomaly run is evaluated on the dataset it was fitted on"
+            )
+        _evaluate_anomaly(run_dir, BandPolicy(alpha, delta, max_false_reject))
+        return
     try:
         metrics = evaluate_run(
             run_dir, data, corruptions, BandPolicy(alpha, delta, max_false_reject), reference
@@ -221,6 +268,39 @@ def evaluate_cmd(
     console.print(escape(f"metrics: {run_dir / 'metrics.json'}  plots: {run_dir / 'plots'}"))
 
 
+def _evaluate_anomaly(run_dir: Path, policy: Any) -> None:
+    from kensa.models.data.ingest import DatasetError
+    from kensa.models.evaluation.evaluate_anomaly import evaluate_anomaly_run
+
+    try:
+        m = evaluate_anomaly_run(run_dir, policy)
+    except (ValueError, FileNotFoundError, DatasetError) as exc:  # NotEnoughCalibrationError too
+        raise fail(str(exc)) from None
+    print_band(m["band"])
+    table = Table(title="QC on the test split (anomaly model)")
+    for col in ("escape rate", "false reject", "automation", "image AUROC", "pixel AUROC", "n"):
+        table.add_column(col, justify="right")
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3%}"
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    table.add_row(
+        pct(m["escape_rate"]),
+        pct(m["false_reject_rate"]),
+        f"{m['automation_rate']:.1%}",
+        num(m["defect_auroc"]),
+        num(m.get("pixel_auroc")),
+        str(m["n_test"]),
+    )
+    console.print(table)
+    support = ", ".join(f"{k}: {v}" for k, v in m["labels_support"].items())
+    console.print(escape(f"what the labels support: {support}"))
+    console.print(escape(f"metrics: {run_dir / 'metrics.json'}  plots: {run_dir / 'plots'}"))
+
+
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Evaluated run directory.")],
     out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")],
@@ -229,7 +309,13 @@ def export_cmd(
 ) -> None:
     """Export to ONNX with metadata and a parity check against PyTorch."""
     from kensa.models.onnx.export import ParityError, export_run
+    from kensa.models.train.anomaly import is_anomaly_run
 
+    if is_anomaly_run(run_dir):
+        if fp16 or int8:
+            raise fail("--fp16/--int8 are for classifiers; an anomaly model exports in FP32 only")
+        _export_anomaly(run_dir, out)
+        return
     try:
         result = export_run(run_dir, out, fp16=fp16, int8=int8)
     except ParityError as exc:
@@ -242,6 +328,25 @@ def export_cmd(
         state = "[green]kept[/green]" if v["kept"] else f"[yellow]dropped[/yellow] ({escape(v['reason'])})"
         console.print(f"{escape(name)}: verdict agreement {v['verdict_agreement']:.2%}, {state}")
     console.print(f"model: {escape(str(result.path))}  sha256 {result.sha256[:16]}…")
+
+
+def _export_anomaly(run_dir: Path, out: Path) -> None:
+    from kensa.models.onnx.anomaly import export_anomaly_run
+    from kensa.models.onnx.export import ParityError
+
+    try:
+        report = export_anomaly_run(run_dir, out)
+    except ParityError as exc:
+        raise fail(f"parity check failed: {exc}", ExitCode.GATE) from None
+    except (ValueError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from None
+    p = report["parity"]
+    console.print(
+        f"parity [green]passed[/green]: {p['n_images']} images, max |Δscore| "
+        f"{p['max_abs_score_diff']:.2e}, max |Δmap| {p['max_abs_map_diff']:.2e}, verdict agreement "
+        f"{p['verdict_agreement']:.2%}"
+    )
+    console.print(f"model: {escape(str(out))}  sha256 {report['sha256'][:16]}…")
 
 
 def print_parity(parity: dict[str, Any]) -> None:

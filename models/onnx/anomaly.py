@@ -22,6 +22,7 @@ from kensa.models.nets.patchcore import PatchCoreNet
 from kensa.models.onnx.contract import (
     PARITY_SAMPLE_SEED,
     PARITY_SAMPLE_SHAPE,
+    PREPROCESS_KEY,
     parity_sample_images,
     sha256_file,
 )
@@ -125,3 +126,29 @@ def export_anomaly_model(
         )
         raise ParityError(msg)
     return {"path": str(out), "sha256": sha256_file(out), "parity": parity}
+
+
+def export_anomaly_run(run_dir: Path, out: Path, parity_images: int = 64) -> dict[str, Any]:
+    """Export an evaluated anomaly run (``band.json`` from ``kensa evaluate``) with parity."""
+    from kensa.models.evaluation.evaluate_anomaly import anomaly_images
+    from kensa.models.train.anomaly import load_anomaly_run
+    from kensa.models.train.cpu import configure_cpu_training
+
+    band_path = run_dir / "band.json"
+    if not band_path.is_file():
+        msg = f"{band_path} is missing; run `kensa evaluate {run_dir}` first to calibrate the band"
+        raise FileNotFoundError(msg)
+    band = json.loads(band_path.read_text())
+    configure_cpu_training()
+    run = load_anomaly_run(run_dir)
+    images = torch.cat([anomaly_images(run_dir, "calibration"), anomaly_images(run_dir, "test")])
+    meta = {
+        "model_name": "patchcore",
+        "dataset_version": run.dataset_version,
+        "training_config": run.config,
+        PREPROCESS_KEY: run.preprocess.to_dict(),
+        **({"backbone": run.backbone} if run.backbone else {}),
+    }
+    report = export_anomaly_model(run.net, run.input_size, band, out, images[:parity_images].numpy(), meta)
+    out.with_suffix(".export.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -14,11 +14,24 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from kensa.models.data.ingest import ingest_dataset
 from kensa.models.evaluation.anomaly_band import NotEnoughCalibrationError, calibrate_anomaly_band
-from kensa.models.line.synthetic import DEFECT_TYPES, LineConditions, generate_part, iter_parts, part_seed
+from kensa.models.evaluation.evaluate_anomaly import evaluate_anomaly_run
+from kensa.models.evaluation.evaluate_run import BandPolicy
+from kensa.models.line.synthetic import (
+    DEFECT_TYPES,
+    LineConditions,
+    encode_png,
+    generate_dataset,
+    generate_part,
+    iter_parts,
+    part_seed,
+)
 from kensa.models.nets.patchcore import PatchCoreConfig, PatchCoreFit, fit_patchcore, score_images
-from kensa.models.onnx.anomaly import export_anomaly_model
+from kensa.models.onnx.anomaly import export_anomaly_model, export_anomaly_run
 from kensa.models.onnx.contract import read_metadata
+from kensa.models.train.anomaly import fit_anomaly_run, is_anomaly_run
+from kensa.settings import Settings
 
 SIZE = 128
 
@@ -106,3 +119,66 @@ def test_onnx_graph_carries_scores_maps_features_and_its_band(
     score, amap, feats = sess.run(None, {"images": images[:3]})
     assert score.shape == (3,) and amap.shape == (3, SIZE, SIZE) and feats.shape[0] == 3
     assert np.allclose(score, scores[:3], atol=1e-4)
+
+
+def test_good_only_run_goes_from_ingest_to_an_exported_model(tmp_path: Path) -> None:
+    data = tmp_path / "line"
+    generate_dataset(data, n=400, seed=5, image_size=96)
+    ds = ingest_dataset(data, Settings(data_dir=tmp_path / "home"), task="anomaly")
+    assert {r.label for r in ds.split("train")} == {"ok"}
+    run = tmp_path / "run"
+    fit_anomaly_run(data, run, PatchCoreConfig(bank_size=512))
+    assert is_anomaly_run(run)
+    m = evaluate_anomaly_run(run, BandPolicy(alpha=0.05, delta=0.1, max_false_reject=0.05))
+    assert m["kind"] == "anomaly" and m["band"]["false_reject_guaranteed"]
+    # The line's defective parts never trained; they reached calibration (enough of them to
+    # certify the escape rate as a classifier's band does) and test.
+    cal_defective = m["band"]["n_defective"]
+    assert cal_defective >= 45 and m["labels_support"]["escape_rate"] == "certified"
+    assert m["n_defective"] > 0 and m["escape_rate"] is not None
+    assert m["defect_auroc"] > 0.7 and m["pixel_auroc"] > 0.8
+    report = export_anomaly_run(run, run / "model.onnx")
+    assert report["parity"]["passed"]
+    meta = read_metadata(run / "model.onnx")
+    assert meta["kind"] == "anomaly" and meta["model_name"] == "patchcore"
+    assert meta["band"]["t_defect"] == m["band"]["t_defect"] and meta["kensa.preprocess"]["size"] == 96
+
+
+def test_good_only_run_with_too_few_calibration_parts_is_refused_with_the_number(tmp_path: Path) -> None:
+    data = tmp_path / "line"
+    generate_dataset(data, n=120, seed=6, image_size=64)
+    ingest_dataset(data, Settings(data_dir=tmp_path / "home"), task="anomaly")
+    fit_anomaly_run(data, tmp_path / "run", PatchCoreConfig(bank_size=128))
+    with pytest.raises(NotEnoughCalibrationError, match=r"at least 45 are needed"):
+        evaluate_anomaly_run(tmp_path / "run", BandPolicy(alpha=0.05, delta=0.1, max_false_reject=0.05))
+
+
+def test_cli_learns_from_good_parts_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder with only ok/ is an anomaly dataset; train, evaluate and export take it as it is."""
+    from typer.testing import CliRunner
+
+    from kensa.cli.common import get_settings
+    from kensa.cli.main import app
+
+    monkeypatch.setenv("KENSA_DATA_DIR", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    root = tmp_path / "parts" / "ok"
+    root.mkdir(parents=True)
+    for k, (img, _) in enumerate(p for p in iter_parts(400, 8, LineConditions(), 64) if p[1].label == "ok"):
+        (root / f"{k:04d}.png").write_bytes(encode_png(img))
+    runner = CliRunner()
+    ingest = runner.invoke(app, ["data", "ingest", str(tmp_path / "parts")])
+    assert ingest.exit_code == 0 and "task: anomaly" in ingest.stdout, ingest.output
+    run = tmp_path / "run"
+    fitted = runner.invoke(
+        app, ["train", "--data", str(tmp_path / "parts"), "--out", str(run), "--model", "patchcore"]
+    )
+    assert fitted.exit_code == 0 and "fitted patchcore on" in fitted.stdout, fitted.output
+    evaluated = runner.invoke(app, ["evaluate", str(run), "--alpha", "0.05"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "ESCAPE RATE NOT CERTIFIED" in evaluated.stdout and "escape_rate: unknown" in evaluated.stdout
+    exported = runner.invoke(app, ["export", str(run), "--out", str(run / "m.onnx")])
+    assert exported.exit_code == 0 and "parity passed" in exported.stdout, exported.output
+    refused = runner.invoke(app, ["export", str(run), "--out", str(run / "h.onnx"), "--fp16"])
+    assert refused.exit_code == 2 and "FP32 only" in refused.stderr
+    get_settings.cache_clear()
