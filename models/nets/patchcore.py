@@ -108,10 +108,13 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 class PatchCoreNet(nn.Module):
-    """uint8 NHWC images → (score (B,), anomaly_map (B, H, W), features (B, K)), all inside.
+    """uint8 NHWC images → (probs (B, 2), features (B, K), score (B,), anomaly_map (B, H, W)).
 
     ``score`` and ``anomaly_map`` are normalised the same way (``d / (d + scale)``), so a map
     value above the band's flag threshold marks the region that made the part a defect.
+    ``probs`` is ``(1 - score, score)`` over the classes ``ok`` and ``defect_anomaly``: the
+    classifier's outputs, so the band, verdicts, prediction log and drift monitor read an anomaly
+    model exactly as they read a classifier (defect score = 1 - p(ok) = score).
     """
 
     bank: torch.Tensor
@@ -149,7 +152,7 @@ class PatchCoreNet(nn.Module):
         d = d2.amin(dim=1).clamp_min(0.0).sqrt()
         return d.reshape(-1, h, w), f.mean(dim=(2, 3))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x = images.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W) in [0, 1]
         size = (int(x.shape[-2]), int(x.shape[-1]))
         d, pooled = self.patch_distances(x)
@@ -163,7 +166,8 @@ class PatchCoreNet(nn.Module):
         score = raw / (raw + self.scale)
         amap = smooth[:, 0] / (smooth[:, 0] + self.scale)
         features = (pooled - self.pca_mean) @ self.pca_components.T
-        return score, amap, features
+        probs = torch.stack([1.0 - score, score], dim=1)
+        return probs, features, score, amap
 
 
 def build_patch_features(
@@ -322,7 +326,7 @@ def score_images(net: PatchCoreNet, images: torch.Tensor, batch: int = 16) -> tu
     """Normalised scores (N,) and anomaly maps (N, H, W) of (N, H, W, 3) uint8 images."""
     scores, maps = [], []
     for i in range(0, len(images), batch):
-        s, m, _ = net(images[i : i + batch])
+        _, _, s, m = net(images[i : i + batch])
         scores.append(s)
         maps.append(m)
     return torch.cat(scores).numpy(), torch.cat(maps).numpy()

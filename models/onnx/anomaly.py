@@ -1,4 +1,4 @@
-"""ONNX export of an anomaly model: uint8 NHWC in; score, anomaly_map and drift features out.
+"""ONNX export of an anomaly model: uint8 NHWC in; probs, drift features, score and anomaly_map out.
 
 Everything serving needs rides in the graph and its metadata: normalisation (pixel scaling, the
 backbone's mean and std, the score scale), the memory bank, the band's thresholds, the input size
@@ -28,7 +28,9 @@ from kensa.models.onnx.contract import (
 )
 from kensa.models.onnx.export import TIE_EPS, ParityError, cpu_session, write_onnx
 
-OUTPUTS = ["score", "anomaly_map", "features"]
+# probs and features first: the classifier's contract, which serving, the band and drift read;
+# score and anomaly_map are what only an anomaly model has.
+OUTPUTS = ["probs", "features", "score", "anomaly_map"]
 SCORE_ATOL = 1e-4
 MAP_ATOL = 1e-3  # the map goes through a resize and a blur: more float32 sums than the score
 
@@ -37,7 +39,7 @@ MAP_ATOL = 1e-3  # the map goes through a resize and a blur: more float32 sums t
 def _torch_outputs(net: PatchCoreNet, images: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
     scores, maps = [], []
     for i in range(0, len(images), batch):
-        s, m, _ = net(torch.from_numpy(images[i : i + batch]))
+        _, _, s, m = net(torch.from_numpy(images[i : i + batch]))
         scores.append(s.numpy())
         maps.append(m.numpy())
     return np.concatenate(scores).astype(np.float64), np.concatenate(maps).astype(np.float64)
@@ -109,6 +111,7 @@ def export_anomaly_model(
         "parity_sample": {
             "seed": PARITY_SAMPLE_SEED,
             "n": PARITY_SAMPLE_SHAPE,
+            "probs": np.round(np.stack([1 - s_sample, s_sample], axis=1), 6).tolist(),
             "scores": np.round(s_sample, 6).tolist(),
             "atol": 1e-3,
         },

@@ -115,10 +115,12 @@ def test_onnx_graph_carries_scores_maps_features_and_its_band(
     assert meta["kind"] == "anomaly" and meta["input_size"] == SIZE
     assert meta["thresholds"]["t_defect"] == band["t_defect"]
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert [o.name for o in sess.get_outputs()] == ["score", "anomaly_map", "features"]
-    score, amap, feats = sess.run(None, {"images": images[:3]})
+    assert [o.name for o in sess.get_outputs()] == ["probs", "features", "score", "anomaly_map"]
+    probs, feats, score, amap = sess.run(None, {"images": images[:3]})
     assert score.shape == (3,) and amap.shape == (3, SIZE, SIZE) and feats.shape[0] == 3
     assert np.allclose(score, scores[:3], atol=1e-4)
+    # The classifier's contract too: p(defect_anomaly) is the score, so the band reads it as is.
+    assert probs.shape == (3, 2) and np.allclose(probs[:, 1], score) and np.allclose(probs.sum(1), 1)
 
 
 def test_good_only_run_goes_from_ingest_to_an_exported_model(tmp_path: Path) -> None:
