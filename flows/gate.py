@@ -81,6 +81,11 @@ def evaluate_gate(metrics: dict[str, Any], kpi: KPI, check_relative_ce: bool = F
     rows: list[GateRow] = []
 
     def rate_row(name: str, key: str, base: str, target: float) -> None:
+        if metrics.get(key) is None:
+            # An anomaly model judged on good parts only: no defective test part, no escape rate.
+            gap = f"{name} unknown: the test split has no {base.removeprefix('n_')} parts to measure it on"
+            rows.append(GateRow(name, f"≤ {target:.2%}", "unknown", False, gap))
+            return
         achieved, n = float(metrics[key]), metrics.get(base)
         if not n:
             row(name, achieved, target, True)

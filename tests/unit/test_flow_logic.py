@@ -132,6 +132,26 @@ def test_gate_reads_test_split_rates_as_a_check_of_the_certificate_not_a_coin_to
     assert broken.gaps[0].startswith("false reject rate 7.54% (60 of 796 test parts) vs target")
 
 
+def test_gate_on_good_parts_only_evidence_names_what_the_labels_cannot_show() -> None:
+    kpi = load_project_config(None).kpi
+    anomaly = {
+        "kind": "anomaly",
+        "escape_rate": None,  # no defective test part
+        "false_reject_rate": 0.02,
+        "n_good": 300,
+        "n_defective": 0,
+        "automation_rate": 0.9,
+        "band": {"guaranteed": False, "message": "ESCAPE RATE NOT CERTIFIED: ... 45 defective ..."},
+    }
+    gate = evaluate_gate(anomaly, kpi)
+    assert not gate.passed
+    rows = {r.kpi: r for r in gate.rows}
+    assert rows["escape rate"].achieved == "unknown" and not rows["escape rate"].passed
+    assert "no defective parts" in rows["escape rate"].gap
+    assert rows["false reject rate"].passed and rows["automation rate"].passed
+    assert "ESCAPE RATE NOT CERTIFIED" in rows["escape guarantee"].gap
+
+
 def test_power_law_recovers_a_known_curve_and_refuses_to_invent_one() -> None:
     xs = [1e6, 2e6, 4e6, 11e6, 25e6]
     ys = [0.5 * (x / 1e6) ** -0.4 + 0.05 for x in xs]
