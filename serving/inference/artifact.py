@@ -20,6 +20,13 @@ from kensa.models.evaluation.qc import OK, verdicts
 from kensa.models.onnx.contract import decode_metadata, parity_images, read_preprocess
 from kensa.models.onnx.contract import sha256_file as file_sha256
 
+CLASSIFIER = "classifier"
+ANOMALY = "anomaly"
+# What each kind of model outputs beyond the classifier's probs and features (DESIGN.md, "The
+# model artifact is self-describing"): an anomaly model's image score and its map of where.
+KINDS = (CLASSIFIER, ANOMALY)
+ANOMALY_OUTPUTS = ("score", "anomaly_map")
+
 
 class ModelRefused(Exception):
     """A model file failed a verification step; ``step`` names which one."""
@@ -53,6 +60,12 @@ class ModelSpec:
     parity: ParitySample
     metadata: dict[str, Any]
     preprocess: Preprocess  # how requests are decoded: the recipe the model was trained with
+    # classifier | anomaly; files from before anomaly models existed name no kind: classifiers.
+    kind: str = CLASSIFIER
+
+    @property
+    def is_anomaly(self) -> bool:
+        return self.kind == ANOMALY
 
 
 def _number(thresholds: dict[str, Any], key: str) -> float:
@@ -91,6 +104,9 @@ def read_spec(proto: onnx.ModelProto) -> ModelSpec:
         preprocess = read_preprocess(meta)
     except ValueError as exc:
         raise ModelRefused("metadata", str(exc)) from exc
+    kind = meta.get("kind", CLASSIFIER)
+    if kind not in KINDS:
+        raise ModelRefused("metadata", f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
     return ModelSpec(
         classes=tuple(str(c) for c in classes),
         input_size=size,
@@ -101,6 +117,7 @@ def read_spec(proto: onnx.ModelProto) -> ModelSpec:
         parity=parity,
         metadata=meta,
         preprocess=preprocess,
+        kind=str(kind),
     )
 
 
@@ -110,7 +127,12 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
 
 
 def check_signature(proto: onnx.ModelProto, spec: ModelSpec) -> None:
-    """``images`` uint8 (N, S, S, 3) in; ``probs`` (N, C) and ``features`` (N, K) float out."""
+    """``images`` uint8 (N, S, S, 3) in; ``probs`` (N, C) and ``features`` (N, K) float out.
+
+    An anomaly model also outputs ``score`` (N,) and ``anomaly_map`` (N, S, S), float. Only their
+    ranks are checked here: the exporter's shape inference leaves the map's sides symbolic, so
+    :func:`check_anomaly_outputs` checks the sizes on a real run.
+    """
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     size = spec.input_size
@@ -135,6 +157,32 @@ def check_signature(proto: onnx.ModelProto, spec: ModelSpec) -> None:
         if len(dims) != 2 or (width is not None and dims[1] != width):
             expect = f"[N, {width}]" if width is not None else "[N, K]"
             raise ModelRefused("signature", f"output '{name}' has shape {dims}, expected {expect}")
+    if not spec.is_anomaly:
+        return
+    for name, rank, expect in (("score", 1, "[N]"), ("anomaly_map", 3, f"[N, {size}, {size}]")):
+        out = outputs.get(name)
+        if out is None:
+            raise ModelRefused("signature", f"an anomaly model needs output '{name}'; got {sorted(outputs)}")
+        if out.type.tensor_type.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            raise ModelRefused("signature", f"output '{name}' must be float")
+        if len(_dims(out)) != rank:
+            raise ModelRefused("signature", f"output '{name}' has shape {_dims(out)}, expected {expect}")
+
+
+def check_anomaly_outputs(spec: ModelSpec, scores: np.ndarray, maps: np.ndarray, probs: np.ndarray) -> None:
+    """An anomaly model's outputs on the parity sample: a map per image at the input size, values
+    in [0, 1], and a score that is the ``probs`` column serving's verdicts read (p(defect))."""
+    n, size = spec.parity.n, spec.input_size
+    if maps.shape != (n, size, size) or scores.shape != (n,):
+        raise ModelRefused(
+            "parity",
+            f"the model gave score {scores.shape} and anomaly_map {maps.shape}; "
+            f"expected {(n,)} and {(n, size, size)}",
+        )
+    if not (np.isfinite(maps).all() and maps.min() >= 0.0 and maps.max() <= 1.0):
+        raise ModelRefused("parity", "anomaly_map values must be finite and within [0, 1]")
+    if float(np.abs(scores - probs[:, 1]).max()) > spec.parity.atol:
+        raise ModelRefused("parity", "score differs from probs[:, 1], the defect probability verdicts use")
 
 
 def load_and_check(path: Path, expected_sha256: str | None) -> tuple[str, ModelSpec]:

@@ -27,8 +27,9 @@ import numpy as np
 
 from kensa.models.data.imageprep import Preprocess
 from kensa.serving.errors import ApiError
+from kensa.serving.inference.anomaly import Finding, locate
 from kensa.serving.inference.decode import DecodedImage
-from kensa.serving.inference.engine import ServedModel
+from kensa.serving.inference.engine import Inference, ServedModel
 
 log = logging.getLogger("kensa.serving.batcher")
 
@@ -62,6 +63,12 @@ class BatchResult:
     probs: np.ndarray  # (B, C)
     features: np.ndarray  # (B, K)
     inferred: float  # perf_counter() when inference finished
+    # Anomaly models only: one finding per image (score, peak, region), the batch's maps
+    # (B, S, S) and the inputs (B, S, S, 3) the model saw. The arrays are the batch's own, kept
+    # (not copied) until its answers are built; a job that asked for its map gets views of them.
+    findings: list[Finding] | None = None
+    maps: np.ndarray | None = None
+    images: np.ndarray | None = None
 
 
 FinishFn = Callable[[BatchResult], Coroutine[Any, Any, None]]
@@ -167,7 +174,7 @@ class Batcher:
         """Infer one batch on ``model`` (the model it was formed for), then start its finishing."""
         loop = asyncio.get_running_loop()
         try:
-            probs, features = await loop.run_in_executor(self._infer_pool, _infer, model, batch)
+            out, images, findings = await loop.run_in_executor(self._infer_pool, _infer, model, batch)
         except Exception as exc:  # a verified model failing at run time: ours, not the caller's
             log.exception(
                 "inference_failed",
@@ -193,7 +200,17 @@ class Batcher:
         inferred = time.perf_counter()
         if self._on_batch is not None:
             self._on_batch(len(batch), inferred - batch[0].enqueued)
-        task = asyncio.create_task(self._finish(BatchResult(model, batch, probs, features, inferred)))
+        result = BatchResult(
+            model,
+            batch,
+            out.probs,
+            out.features,
+            inferred,
+            findings,
+            out.maps,
+            images if out.maps is not None else None,
+        )
+        task = asyncio.create_task(self._finish(result))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
@@ -211,10 +228,30 @@ class Batcher:
         self._infer_pool.shutdown(wait=True)
 
 
-def _infer(model: ServedModel, batch: list[Job]) -> tuple[np.ndarray, np.ndarray]:
-    recipe = model.spec.preprocess
+def _infer(model: ServedModel, batch: list[Job]) -> tuple[Inference, np.ndarray, list[Finding] | None]:
+    """Inference, and for an anomaly model each image's region, here in the inference thread:
+    cutting regions from the maps is array work the event loop must not do."""
+    spec = model.spec
+    recipe = spec.preprocess
     images = np.stack([job.image.pixels if _fits(job.image, recipe) else job.resize(recipe) for job in batch])
-    return model.run(images)
+    out = model.infer(images)
+    if out.maps is None or out.scores is None:
+        return out, images, None
+    findings = [
+        # An encoded image was made by the model's recipe (here or at decode); a raw tensor is
+        # the input itself or its plain resize (recipe None).
+        locate(
+            out.maps[i],
+            float(out.scores[i]),
+            spec.t_ok,
+            spec.t_defect,
+            recipe if job.image.recipe is not None else None,
+            job.image.width,
+            job.image.height,
+        )
+        for i, job in enumerate(batch)
+    ]
+    return out, images, findings
 
 
 def _fits(image: DecodedImage, recipe: Preprocess) -> bool:

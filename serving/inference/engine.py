@@ -22,7 +22,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from kensa.serving.inference.artifact import ModelRefused, ModelSpec, check_parity, load_and_check
+from kensa.models.onnx.contract import parity_images
+from kensa.serving.inference.artifact import (
+    ANOMALY_OUTPUTS,
+    ModelRefused,
+    ModelSpec,
+    check_anomaly_outputs,
+    check_parity,
+    load_and_check,
+)
 from kensa.store.models import utcnow
 
 log = logging.getLogger("kensa.serving.engine")
@@ -137,6 +145,27 @@ def open_session(
     raise RuntimeError("no onnxruntime provider initialised (CPU is always tried last)")
 
 
+CLASSIFIER_OUTPUTS = ("probs", "features")
+
+
+def fetched_outputs(spec: ModelSpec) -> list[str]:
+    """The outputs one inference fetches: an anomaly model's score and map only where it has them.
+
+    A map is S × S floats per image (256 KiB at 256 px); a classifier never pays for one.
+    """
+    return [*CLASSIFIER_OUTPUTS, *(ANOMALY_OUTPUTS if spec.is_anomaly else ())]
+
+
+@dataclass(frozen=True)
+class Inference:
+    """What one batch's inference gave: the classifier's outputs, and an anomaly model's extras."""
+
+    probs: np.ndarray  # (B, C) float64
+    features: np.ndarray  # (B, K) float32
+    scores: np.ndarray | None = None  # (B,) float64, anomaly models only
+    maps: np.ndarray | None = None  # (B, S, S) float32 in [0, 1), anomaly models only
+
+
 @dataclass
 class ServedModel:
     """A verified, warmed-up model that may judge parts. Immutable once published."""
@@ -156,8 +185,21 @@ class ServedModel:
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (B, S, S, 3) → probs (B, C) float64 and features (B, K) float32."""
-        probs, features = self.session.run(["probs", "features"], {"images": images})
+        probs, features = self.session.run(list(CLASSIFIER_OUTPUTS), {"images": images})
         return np.asarray(probs, dtype=np.float64), np.asarray(features, dtype=np.float32)
+
+    def infer(self, images: np.ndarray) -> Inference:
+        """uint8 (B, S, S, 3) → everything serving reads: ``run``'s outputs, plus score and
+        anomaly map (one session run) for an anomaly model."""
+        if not self.spec.is_anomaly:
+            return Inference(*self.run(images))
+        probs, features, scores, maps = self.session.run(fetched_outputs(self.spec), {"images": images})
+        return Inference(
+            np.asarray(probs, dtype=np.float64),
+            np.asarray(features, dtype=np.float32),
+            np.asarray(scores, dtype=np.float64),
+            np.asarray(maps, dtype=np.float32),
+        )
 
     def describe(self) -> dict[str, object]:
         return {
@@ -165,6 +207,7 @@ class ServedModel:
             "model_version": self.version,
             "sha256": self.sha256,
             "architecture": self.spec.architecture,
+            "kind": self.spec.kind,
             "classes": list(self.spec.classes),
             "input_size": self.spec.input_size,
             "thresholds": {"t_ok": self.spec.t_ok, "t_defect": self.spec.t_defect},
@@ -176,21 +219,36 @@ class ServedModel:
         }
 
 
-def _warm_up(session: ort.InferenceSession, size: int, max_batch: int) -> float:
+def _warm_up(session: ort.InferenceSession, spec: ModelSpec, max_batch: int) -> float:
     """Run each batch size once, then time a full batch: milliseconds per image.
 
     The first runs at a new batch size allocate memory and (on GPU) pick kernels; pay that here,
-    before the model is published, not on the first parts of the line.
+    before the model is published, not on the first parts of the line. The outputs fetched are
+    the ones serving fetches, so the timing (and the runners chosen from it) includes the map.
     """
+    size, outputs = spec.input_size, fetched_outputs(spec)
     for batch in sorted({1, max_batch}):
-        session.run(["probs", "features"], {"images": np.zeros((batch, size, size, 3), np.uint8)})
+        session.run(outputs, {"images": np.zeros((batch, size, size, 3), np.uint8)})
     images = np.zeros((max_batch, size, size, 3), np.uint8)
     best = float("inf")
     for _ in range(2):  # the faster of two runs: a timing less disturbed by whatever else runs
         started = time.perf_counter()
-        session.run(["probs", "features"], {"images": images})
+        session.run(outputs, {"images": images})
         best = min(best, time.perf_counter() - started)
     return best * 1000.0 / max_batch
+
+
+def _check_maps(spec: ModelSpec, session: ort.InferenceSession) -> None:
+    """The parity sample through the outputs an anomaly model promises: a map the size of the
+    input for each image, so a region is never cut from a map of the wrong shape."""
+    images = parity_images(spec.parity.seed, spec.parity.n, spec.input_size)
+    probs, _, scores, maps = session.run(fetched_outputs(spec), {"images": images})
+    check_anomaly_outputs(
+        spec,
+        np.asarray(scores, dtype=np.float64),
+        np.asarray(maps, dtype=np.float32),
+        np.asarray(probs, dtype=np.float64),
+    )
 
 
 def load_model(
@@ -222,6 +280,8 @@ def load_model(
 
     try:
         check_parity(spec, run_probs(session))
+        if spec.is_anomaly:
+            _check_maps(spec, session)
     except ModelRefused:
         raise
     except Exception as exc:  # the graph fails at run time (wrong ops, shapes)
@@ -232,12 +292,14 @@ def load_model(
         try:
             fp16_session, fp16_provider = open_session(fp16_path, [provider], cache_dir)
             check_parity(spec, run_probs(fp16_session), atol=FP16_PARITY_ATOL)
+            if spec.is_anomaly:
+                _check_maps(spec, fp16_session)
             session, provider, precision = fp16_session, fp16_provider, "fp16"
         except Exception as exc:  # the FP32 graph is verified; FP16 is only an optimisation
             log.warning(
                 "fp16_skipped", extra={"model_name": name, "model_version": version, "reason": str(exc)}
             )
-    ms_per_image = _warm_up(session, spec.input_size, max_batch)
+    ms_per_image = _warm_up(session, spec, max_batch)
     chosen = choose_runners(ms_per_image, runners)
     log.info(
         "model_verified",

@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from kensa.serving.errors import ApiError
+from kensa.serving.inference.anomaly import Finding, HeatSource
 from kensa.store.models import Prediction, ReviewItem, utcnow
 
 log = logging.getLogger("kensa.serving.predlog")
+
+# An anomaly model's finding rides in the row's ``image_stats`` JSON under this key, so a replayed
+# answer keeps its region (drift reads only its own named statistics there). The map is not kept.
+ANOMALY_KEY = "anomaly"
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,9 @@ class Answer:
     part_id: str
     image_sha256: str
     replayed: bool = False
+    anomaly: Finding | None = None  # anomaly models only: score, peak and region
+    # The map and input to draw a heatmap from, only where the request asked for it; never stored.
+    heat: HeatSource | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -88,6 +96,7 @@ class ImageStore:
 
 
 def answer_from_row(row: Prediction, replayed: bool) -> Answer:
+    stored = (row.image_stats or {}).get(ANOMALY_KEY)
     return Answer(
         request_id=row.request_id,
         verdict=row.verdict,
@@ -100,6 +109,7 @@ def answer_from_row(row: Prediction, replayed: bool) -> Answer:
         part_id=row.part_id,
         image_sha256=row.image_sha256,
         replayed=replayed,
+        anomaly=Finding.from_dict(stored) if isinstance(stored, dict) else None,
     )
 
 
@@ -146,7 +156,11 @@ class PredictionLog:
             defect_type=a.defect_type,
             probs=a.probs,
             features=a.features,
-            image_stats=pending.image_stats,
+            image_stats=(
+                {**pending.image_stats, ANOMALY_KEY: a.anomaly.to_dict()}
+                if a.anomaly is not None
+                else pending.image_stats
+            ),
             latency_ms=a.latency_ms,
             part_id=a.part_id,
             line_id=pending.line_id,
@@ -217,8 +231,9 @@ class PredictionLog:
 
 
 def describe(answer: Answer) -> dict[str, Any]:
-    """The v1 response body of one answer."""
-    return {
+    """The v1 response body of one answer; ``anomaly`` only for an anomaly model's answer, so a
+    classifier's body is what it always was."""
+    body: dict[str, Any] = {
         "request_id": answer.request_id,
         "part_id": answer.part_id,
         "verdict": answer.verdict,
@@ -229,3 +244,6 @@ def describe(answer: Answer) -> dict[str, Any]:
         "latency_ms": answer.latency_ms,
         "replayed": answer.replayed,
     }
+    if answer.anomaly is not None:
+        body["anomaly"] = answer.anomaly.to_dict()
+    return body

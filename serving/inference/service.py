@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import logging
 import time
@@ -17,6 +18,7 @@ from kensa.logs import context_fields, new_request_id, request_id
 from kensa.models.data.imageprep import Preprocess
 from kensa.models.evaluation.qc import verdicts
 from kensa.serving.errors import ApiError
+from kensa.serving.inference.anomaly import HeatSource, render_heatmap
 from kensa.serving.inference.batcher import QUEUED, Batcher, BatchResult, Job
 from kensa.serving.inference.decode import (
     EXTENSIONS,
@@ -60,6 +62,7 @@ class _Context:
     part: PartInfo
     source: ImageInput
     log_fields: Mapping[str, Any]  # the request's logging context (its id), for the verdict line
+    keep_map: bool = False  # the caller wants the anomaly map (a heatmap, a v2 output)
 
 
 class InspectionService:
@@ -111,12 +114,14 @@ class InspectionService:
         key: str | None,
         *,
         indexed_keys: bool = False,
+        keep_maps: bool = False,
     ) -> list[Answer]:
         """Judge ``images``; each answer is logged (committed) before this returns.
 
         ``key`` is the Idempotency-Key; with ``indexed_keys`` (batch routes) image i uses ``key#i``.
         A verdict's ``request_id`` is the HTTP request's (``X-Request-ID``), or ``<id>-<i>`` for
-        image i of several; so one HTTP request makes one call here.
+        image i of several; so one HTTP request makes one call here. With ``keep_maps``, an
+        anomaly model's answers carry their map (``Answer.heat``); other answers never hold one.
         """
         if self.models.current is None:
             raise _no_model()
@@ -144,6 +149,7 @@ class InspectionService:
                                 f"{key}#{i}" if key is not None and indexed_keys else key,
                                 ids[i],
                                 received,
+                                keep_maps,
                             )
                             for i, (img, pid) in enumerate(zip(images, part_ids, strict=True))
                         )
@@ -161,11 +167,17 @@ class InspectionService:
             self.metrics.in_flight.set(self._in_flight)
 
     async def _one(
-        self, image: ImageInput, part: PartInfo, key: str | None, rid: str, received: float
+        self,
+        image: ImageInput,
+        part: PartInfo,
+        key: str | None,
+        rid: str,
+        received: float,
+        keep_map: bool,
     ) -> Answer:
         loop = asyncio.get_running_loop()
         if key is None:
-            return await self._judge(image, part, None, rid, received)
+            return await self._judge(image, part, None, rid, received, keep_map)
         sha = await loop.run_in_executor(self._decode_pool, _digest, image)
         waiting = self._pending.get(key)
         if waiting is not None:  # the same key is being judged right now: share its answer
@@ -178,7 +190,7 @@ class InspectionService:
             answer = (
                 _replay(stored, sha, key)
                 if stored is not None
-                else await self._judge(image, part, key, rid, received)
+                else await self._judge(image, part, key, rid, received, keep_map)
             )
             future.set_result(answer)
             return answer
@@ -201,7 +213,13 @@ class InspectionService:
             del self._pending[key]
 
     async def _judge(
-        self, image: ImageInput, part: PartInfo, key: str | None, rid: str, received: float
+        self,
+        image: ImageInput,
+        part: PartInfo,
+        key: str | None,
+        rid: str,
+        received: float,
+        keep_map: bool,
     ) -> Answer:
         loop = asyncio.get_running_loop()
         current = self.models.current
@@ -210,7 +228,7 @@ class InspectionService:
         # The model's own recipe (its ONNX metadata): the pixels it was trained on.
         decoded = await loop.run_in_executor(self._decode_pool, self._decode, image, current.spec.preprocess)
         future: asyncio.Future[Answer] = loop.create_future()
-        context = _Context(rid, key, part, image, context_fields())
+        context = _Context(rid, key, part, image, context_fields(), keep_map)
         job = Job(decoded, _resizer(image, self.settings.max_pixels), context, received, future)
         self.batcher.submit(job)
         self.metrics.queue_depth.set(self.batcher.depth)
@@ -220,6 +238,15 @@ class InspectionService:
             if job.state == QUEUED:  # deadline passed before inference: drop it, log nothing
                 job.state = "cancelled"
             raise
+
+    async def heatmap_png(self, answer: Answer) -> str | None:
+        """The answer's heatmap as a base64 PNG (drawn in the decode pool), or None without a map:
+        a classifier's answer, or a replayed one (the log keeps the region, not the map)."""
+        if answer.heat is None:
+            return None
+        loop = asyncio.get_running_loop()
+        png = await loop.run_in_executor(self._decode_pool, render_heatmap, answer.heat)
+        return base64.b64encode(png).decode("ascii")
 
     def _decode(self, image: ImageInput, recipe: Preprocess) -> DecodedImage:
         if image.pixels is not None:
@@ -245,6 +272,8 @@ class InspectionService:
                 latency_ms=round((result.inferred - job.received) * 1000.0, 3),
                 part_id=ctx.part.part_id or ctx.request_id,
                 image_sha256=job.image.sha256,
+                anomaly=result.findings[i] if result.findings is not None else None,
+                heat=_heat_source(result, i) if ctx.keep_map else None,
             )
             rows.append(
                 PendingRow(
@@ -308,6 +337,16 @@ def _log_verdict(answer: Answer, ctx: _Context) -> None:
             "part_id": answer.part_id,
             "line_id": ctx.part.line_id or DEFAULT_LINE,
         },
+    )
+
+
+def _heat_source(result: BatchResult, i: int) -> HeatSource | None:
+    if result.maps is None or result.images is None or result.findings is None:
+        return None
+    region = result.findings[i].region
+    spec = result.model.spec
+    return HeatSource(
+        result.images[i], result.maps[i], spec.t_ok, spec.t_defect, region.box if region else None
     )
 
 

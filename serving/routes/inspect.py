@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Header, Query, Request
@@ -9,10 +10,10 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException
 
 from kensa.serving.errors import ACCEPTED_FORMATS, ApiError
-from kensa.serving.inference.predlog import describe
-from kensa.serving.inference.service import ImageInput, PartInfo
+from kensa.serving.inference.predlog import Answer, describe
+from kensa.serving.inference.service import ImageInput, InspectionService, PartInfo
 from kensa.serving.routes.schemas import BatchResult, ErrorBody, InspectResult
-from kensa.serving.state import clean_id, serving_state
+from kensa.serving.state import ServingState, clean_id, serving_state
 
 router = APIRouter(tags=["inspect"])
 
@@ -109,6 +110,35 @@ async def _files(form: FormData, name: str) -> list[bytes]:
     return out
 
 
+_HEATMAP = Query(
+    False,
+    description=(
+        "Anomaly models only: add the map as a PNG heatmap over the part, base64 in "
+        "anomaly.heatmap_png. A classifier has no map: asking is a 422."
+    ),
+)
+
+
+def _check_heatmap(state: ServingState, heatmap: bool) -> None:
+    """Refuse a heatmap before reading the body when the model in service has no map to draw."""
+    model = state.models.current
+    if heatmap and model is not None and not model.spec.is_anomaly:
+        raise ApiError(
+            422,
+            "heatmap_unavailable",
+            f"heatmap=true needs an anomaly model (one with an anomaly_map output); the model in "
+            f"service, {model.name!r} version {model.version!r}, is a {model.spec.kind}: send "
+            "heatmap=false or leave it out",
+        )
+
+
+async def _body(service: InspectionService, answer: Answer, heatmap: bool) -> dict[str, Any]:
+    body = describe(answer)
+    if heatmap and "anomaly" in body:
+        body["anomaly"]["heatmap_png"] = await service.heatmap_png(answer)
+    return body
+
+
 def _unsupported_media(media: str, multipart_field: str) -> ApiError:
     return ApiError(
         415,
@@ -118,12 +148,21 @@ def _unsupported_media(media: str, multipart_field: str) -> ApiError:
     )
 
 
-@router.post("/v1/inspect", response_model=InspectResult, responses=_ERRORS, openapi_extra=_SINGLE_BODY)
+# Unset fields stay out of the body: a classifier's answer has no ``anomaly`` key at all, and an
+# anomaly model's has ``heatmap_png`` only when it was asked for.
+@router.post(
+    "/v1/inspect",
+    response_model=InspectResult,
+    response_model_exclude_unset=True,
+    responses=_ERRORS,
+    openapi_extra=_SINGLE_BODY,
+)
 async def inspect(
     request: Request,
     part_id: str | None = Query(None, max_length=255, description="The part's id on the line."),
     line_id: str | None = Query(None, max_length=255),
     camera_id: str | None = Query(None, max_length=255),
+    heatmap: bool = _HEATMAP,
     idempotency_key: str | None = Header(None, max_length=200, description="Retry-safe request key."),
 ) -> dict[str, Any]:
     """Judge one image: ``ok``, ``defect`` or ``review``, with the model version that judged it.
@@ -131,8 +170,20 @@ async def inspect(
     The image comes as a multipart file field ``image`` or as a raw ``image/jpeg``, ``image/png``
     or ``image/bmp`` body; ids come as query parameters (or multipart fields). A retry with the
     same ``Idempotency-Key`` returns the stored answer; the same key with another image is a 422.
+
+    An anomaly model's answer adds ``anomaly``: ``score``; ``peak`` (the map's highest value and
+    its pixel in the model input, as a fraction of the input's side and in the image as sent);
+    ``region``, the box of the map's blob around the peak at or above the band's ``t_defect``,
+    else ``t_ok`` (``box`` in pixels of the model input, ``x1``/``y1`` exclusive; ``box_fraction``
+    of the input's side; ``image_box`` in pixels of the image as sent, the model's letterbox or
+    crop undone), or null when the map reaches neither. With ``heatmap=true`` it also carries
+    ``heatmap_png``: a base64 PNG at the model's input size, the map over the part (yellow at
+    ``t_ok`` to red at ``t_defect``, the region outlined in cyan); null on a replayed answer,
+    whose map is not stored. A classifier's answer has no ``anomaly``; ``heatmap=true`` to a
+    classifier is a 422 ``heatmap_unavailable``.
     """
     state = serving_state(request)
+    _check_heatmap(state, heatmap)
     media = _media_type(request)
     ids = {"part_id": part_id, "line_id": line_id, "camera_id": camera_id}
     if media == "multipart/form-data":
@@ -146,22 +197,33 @@ async def inspect(
     ids = {k: clean_id(k, v) for k, v in ids.items()}
     key = clean_id("Idempotency-Key", idempotency_key)
     part = PartInfo(ids["part_id"], ids["line_id"], ids["camera_id"])
-    answers = await state.service.inspect([ImageInput(data=data)], [part.part_id], part, key)
-    return describe(answers[0])
+    answers = await state.service.inspect(
+        [ImageInput(data=data)], [part.part_id], part, key, keep_maps=heatmap
+    )
+    return await _body(state.service, answers[0], heatmap)
 
 
-@router.post("/v1/inspect/batch", response_model=BatchResult, responses=_ERRORS, openapi_extra=_BATCH_BODY)
+@router.post(
+    "/v1/inspect/batch",
+    response_model=BatchResult,
+    response_model_exclude_unset=True,
+    responses=_ERRORS,
+    openapi_extra=_BATCH_BODY,
+)
 async def inspect_batch(
     request: Request,
     line_id: str | None = Query(None, max_length=255),
     camera_id: str | None = Query(None, max_length=255),
+    heatmap: bool = _HEATMAP,
     idempotency_key: str | None = Header(None, max_length=200),
 ) -> dict[str, Any]:
     """Judge several images (multipart field ``images``, repeated; optional ``part_id`` per image).
 
-    Image *i* of a request with ``Idempotency-Key: K`` is stored under ``K#i``.
+    Image *i* of a request with ``Idempotency-Key: K`` is stored under ``K#i``. ``anomaly`` and
+    ``heatmap=true`` work as in ``/v1/inspect``, per image.
     """
     state = serving_state(request)
+    _check_heatmap(state, heatmap)
     media = _media_type(request)
     if media != "multipart/form-data":
         raise _unsupported_media(media, "images")
@@ -183,5 +245,6 @@ async def inspect_batch(
         PartInfo(None, line, camera),
         key,
         indexed_keys=True,
+        keep_maps=heatmap,
     )
-    return {"results": [describe(a) for a in answers]}
+    return {"results": list(await asyncio.gather(*(_body(state.service, a, heatmap) for a in answers)))}

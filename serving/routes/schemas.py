@@ -18,6 +18,64 @@ class V2ErrorBody(BaseModel):
     error: str
 
 
+class PixelBox(BaseModel):
+    """A rectangle in pixels; ``x1`` and ``y1`` are exclusive (``a[y0:y1, x0:x1]``)."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+
+class FractionBox(BaseModel):
+    """A rectangle as fractions 0-1 of the model input's side."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+
+class XY(BaseModel):
+    x: float
+    y: float
+
+
+class AnomalyPeak(BaseModel):
+    """The anomaly map's highest value and where it is."""
+
+    value: float = Field(description="Map value at the peak, on the score's scale.")
+    x: int = Field(description="Pixel column in the model input.")
+    y: int = Field(description="Pixel row in the model input.")
+    fraction: XY = Field(description="The peak pixel's centre as fractions of the input's side.")
+    image: XY = Field(description="The peak pixel's centre in pixels of the image as sent.")
+
+
+class AnomalyRegion(BaseModel):
+    """The box of the map's blob around the peak at or above a band threshold."""
+
+    threshold: str = Field(description="t_defect | t_ok: the band threshold the region was cut at.")
+    level: float = Field(description="That threshold's value.")
+    box: PixelBox = Field(description="Pixels of the model input.")
+    box_fraction: FractionBox
+    image_box: PixelBox = Field(description="Pixels of the image as sent (letterbox, crop undone).")
+    area_fraction: float = Field(description="Share of the model input inside the blob.")
+
+
+class AnomalyResult(BaseModel):
+    """Where an anomaly model saw the defect (anomaly models only)."""
+
+    score: float = Field(description="The image's anomaly score, p(defect_anomaly).")
+    input_size: int = Field(description="Side of the model input, pixels.")
+    peak: AnomalyPeak
+    region: AnomalyRegion | None = Field(description="Null when the map reaches neither threshold.")
+    heatmap_png: str | None = Field(
+        None,
+        description="With heatmap=true: base64 PNG of the map over the part, at the input size; "
+        "null on a replayed answer (maps are not stored).",
+    )
+
+
 class InspectResult(BaseModel):
     """The verdict on one part, naming the model version that judged it."""
 
@@ -32,6 +90,9 @@ class InspectResult(BaseModel):
     replayed: bool = Field(
         description="True when this is the stored answer to an earlier request with the same Idempotency-Key."
     )
+    anomaly: AnomalyResult | None = Field(
+        None, description="Anomaly models only (the key is absent for a classifier)."
+    )
 
 
 class BatchResult(BaseModel):
@@ -45,6 +106,7 @@ class ModelInfo(BaseModel):
     model_version: str
     sha256: str
     architecture: str
+    kind: str = Field("classifier", description="classifier | anomaly")
     classes: list[str]
     input_size: int
     thresholds: dict[str, float]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
@@ -20,7 +21,7 @@ from kensa.serving.routes.schemas import (
     V2Ready,
     V2ServerMetadata,
 )
-from kensa.serving.routes.v2codec import INPUT_NAME, parse_infer
+from kensa.serving.routes.v2codec import INPUT_NAME, MAP_OUTPUT, model_outputs, parse_infer
 from kensa.serving.state import clean_id, serving_state
 
 router = APIRouter(tags=["v2"])
@@ -113,6 +114,14 @@ async def model_metadata(request: Request, name: str) -> dict[str, Any]:
             {"name": "features", "datatype": "FP32", "shape": [-1, model.spec.feature_dims or -1]},
             {"name": "verdict", "datatype": "BYTES", "shape": [-1]},
             {"name": "defect_type", "datatype": "BYTES", "shape": [-1]},
+            *(
+                [
+                    {"name": "score", "datatype": "FP32", "shape": [-1]},
+                    {"name": MAP_OUTPUT, "datatype": "FP32", "shape": [-1, size, size]},
+                ]
+                if model.spec.is_anomaly
+                else []
+            ),
         ],
     }
 
@@ -126,29 +135,59 @@ async def model_ready(request: Request, name: str) -> dict[str, Any]:
     return {"name": model.name, "ready": True}
 
 
-def _outputs(answers: list[Answer], wanted: list[str]) -> list[dict[str, Any]]:
+def _unavailable(name: str, answers: list[Answer]) -> ApiError:
+    """An asked-for anomaly output that some answer cannot give: a replay (the log keeps the
+    region, not the map), or, rarely, an image judged by a classifier swapped in meanwhile."""
+    if any(a.replayed for a in answers):
+        return ApiError(
+            422,
+            f"{name}_unavailable",
+            f"output '{name}' is not stored with a verdict, and this answer was replayed for its "
+            f"Idempotency-Key; ask without '{name}', or with a new key to judge the image again",
+        )
+    return ApiError(
+        503,
+        f"{name}_unavailable",
+        f"output '{name}' is not available: the model in service changed while judging; retry",
+        headers={"Retry-After": "1"},
+    )
+
+
+def _tensor(name: str, answers: list[Answer]) -> dict[str, Any]:
+    """One output tensor, built only when asked for (a map is S × S numbers per image)."""
     n = len(answers)
-    classes = list(answers[0].probs)
-    k = len(answers[0].features)
-    tensors: dict[str, dict[str, Any]] = {
-        "probs": {
+    if name == "probs":
+        classes = list(answers[0].probs)
+        return {
             "shape": [n, len(classes)],
             "datatype": "FP32",
             "data": [a.probs[c] for a in answers for c in classes],
-        },
-        "features": {
-            "shape": [n, k],
-            "datatype": "FP32",
-            "data": [f for a in answers for f in a.features],
-        },
-        "verdict": {"shape": [n], "datatype": "BYTES", "data": [a.verdict for a in answers]},
-        "defect_type": {
-            "shape": [n],
-            "datatype": "BYTES",
-            "data": [a.defect_type or "" for a in answers],
-        },
+        }
+    if name == "features":
+        k = len(answers[0].features)
+        return {"shape": [n, k], "datatype": "FP32", "data": [f for a in answers for f in a.features]}
+    if name == "verdict":
+        return {"shape": [n], "datatype": "BYTES", "data": [a.verdict for a in answers]}
+    if name == "defect_type":
+        return {"shape": [n], "datatype": "BYTES", "data": [a.defect_type or "" for a in answers]}
+    if name == "score":
+        scores = [a.anomaly.score for a in answers if a.anomaly is not None]
+        if len(scores) != n:
+            raise _unavailable(name, answers)
+        return {"shape": [n], "datatype": "FP32", "data": [round(s, 6) for s in scores]}
+    maps = [a.heat.amap for a in answers if a.heat is not None]
+    if len(maps) != n:
+        raise _unavailable(name, answers)
+    size = int(maps[0].shape[0])
+    return {
+        "shape": [n, size, size],
+        "datatype": "FP32",
+        "data": [v for m in maps for v in np.round(m.astype(np.float64), 6).ravel().tolist()],
     }
-    return [{"name": name, **tensors[name]} for name in wanted]
+
+
+def _outputs(answers: list[Answer], wanted: list[str]) -> list[dict[str, Any]]:
+    return [{"name": name, **_tensor(name, answers)} for name in wanted]
 
 
 @router.post(
@@ -166,11 +205,18 @@ async def infer(
     """Infer: UINT8 [B, S, S, 3] or BYTES [B] encoded images in; probs, features, verdict out.
 
     ``parameters`` may carry ``line_id``, ``camera_id`` and ``part_ids`` (a list, one per image).
-    Every image is logged like a v1 verdict before the response is sent.
+    Every image is logged like a v1 verdict before the response is sent. An anomaly model also
+    gives ``score`` [B] and, asked for by name in ``outputs``, ``anomaly_map`` [B, S, S] (left out
+    of a request that names no outputs: S × S numbers per image).
     """
     state = serving_state(request)
     model = _model(request, name)
-    parsed = parse_infer(await request.body(), inference_header_content_length, model.spec.input_size)
+    parsed = parse_infer(
+        await request.body(),
+        inference_header_content_length,
+        model.spec.input_size,
+        model_outputs(model.spec.is_anomaly),
+    )
     params = parsed.parameters
     part_ids = params.get("part_ids")
     if part_ids is None:
@@ -195,6 +241,7 @@ async def infer(
         part,
         clean_id("Idempotency-Key", idempotency_key),
         indexed_keys=True,
+        keep_maps=MAP_OUTPUT in parsed.outputs,
     )
     # A batch straddling a swap is judged by more than one version; name each image's version.
     versions = [a.model_version for a in answers]

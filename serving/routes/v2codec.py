@@ -3,6 +3,10 @@
 Accepted input: one tensor named ``images``, either UINT8 of shape [B, S, S, 3] (NHWC RGB at the
 model's input size) or BYTES of shape [B] holding encoded JPEG/PNG/BMP images (base64 strings in
 JSON, or raw bytes through the binary extension's ``binary_data_size``).
+
+Outputs: every model gives ``probs``, ``features``, ``verdict`` and ``defect_type``; an anomaly
+model also ``score`` and ``anomaly_map``. A request that names no outputs gets all of them except
+the map, which is S × S numbers per image in JSON: a client asks for it by name.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import base64
 import binascii
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +25,14 @@ from kensa.serving.errors import ApiError
 
 INPUT_NAME = "images"
 OUTPUTS = ("probs", "features", "verdict", "defect_type")
+ANOMALY_OUTPUTS = ("score", "anomaly_map")
+MAP_OUTPUT = "anomaly_map"
 MAX_IMAGES = 64
+
+
+def model_outputs(is_anomaly: bool) -> tuple[str, ...]:
+    """The outputs a request may name for a model of this kind."""
+    return OUTPUTS + ANOMALY_OUTPUTS if is_anomaly else OUTPUTS
 
 
 def bad(detail: str) -> ApiError:
@@ -131,8 +143,14 @@ def _bytes_tensor(spec: dict[str, Any], shape: list[int], blob: bytes | None) ->
     return items
 
 
-def parse_infer(body: bytes, header_length: str | None, input_size: int) -> V2Request:
-    """Decode an infer request body; ApiError 400 naming the problem for anything malformed."""
+def parse_infer(
+    body: bytes, header_length: str | None, input_size: int, outputs: Sequence[str] = OUTPUTS
+) -> V2Request:
+    """Decode an infer request body; ApiError 400 naming the problem for anything malformed.
+
+    ``outputs`` are the ones this model gives (:func:`model_outputs`); a request naming none gets
+    them all but the anomaly map.
+    """
     head, binary = _split_binary(body, header_length)
     try:
         doc = json.loads(head)
@@ -165,14 +183,15 @@ def parse_infer(body: bytes, header_length: str | None, input_size: int) -> V2Re
             f"input 'images' has datatype {datatype!r}; accepted: UINT8 [B, {input_size}, "
             f"{input_size}, 3] (NHWC RGB) or BYTES [B] (encoded JPEG, PNG or BMP)"
         )
-    outputs = doc.get("outputs")
-    if outputs is not None:
-        if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+    asked = doc.get("outputs")
+    request.outputs = [o for o in outputs if o != MAP_OUTPUT]
+    if asked is not None:
+        if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
             raise bad("'outputs' must be a list of objects with a 'name'")
-        names = [o.get("name") for o in outputs]
-        unknown = [n for n in names if n not in OUTPUTS]
+        names = [o.get("name") for o in asked]
+        unknown = [n for n in names if n not in outputs]
         if unknown:
-            raise bad(f"unknown outputs {unknown}; this model gives {', '.join(OUTPUTS)}")
+            raise bad(f"unknown outputs {unknown}; this model gives {', '.join(outputs)}")
         request.outputs = [str(n) for n in names]
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
