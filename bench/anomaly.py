@@ -166,6 +166,12 @@ def main() -> None:
     parser.add_argument("--log", type=Path, default=Path("docs/data/anomaly.jsonl"))
     parser.add_argument("--ladder", type=Path, default=Path("docs/data/ladder.jsonl"))
     parser.add_argument("--plot", type=Path, default=Path("docs/images/anomaly.png"))
+    parser.add_argument(
+        "--retime",
+        action="store_true",
+        help="only re-measure ONNX img/s of the rows on file (their models are kept in --out), "
+        "for a quiet machine after a run that shared its cores",
+    )
     args = parser.parse_args()
     configure_cpu_training()
     print(
@@ -178,7 +184,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(x) for x in args.log.read_text().splitlines()] if args.log.exists() else []
-    for size, n in zip(sizes, counts, strict=True):
+    if args.retime:
+        for r in rows:
+            onnx = args.out / f"{r['key']}-{r['size']}.onnx"
+            if onnx.exists():
+                r["onnx_img_s"] = onnx_images_per_second(onnx, r["size"])
+                print(f"{r['key']} {r['size']} px: {r['onnx_img_s']:.0f} img/s", flush=True)
+        args.log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        sizes = []
+    for size, n in zip(sizes, counts, strict=False):
         data = args.out / f"line-{size}-{args.seed}-{n}"
         if not (data / ".kensa-dataset.json").exists():
             generate_dataset(data, n=n, seed=args.seed, image_size=size, conditions=LineConditions())
