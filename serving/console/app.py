@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,13 +15,16 @@ from starlette.responses import Response
 from starlette.routing import Mount
 from starlette.types import Scope
 
-from kensa.serving.console.context import Console, CurrentModel, RefreshChampion
+from kensa.serving.console.context import Console, CurrentModel, DrawHeatmap, RefreshChampion
 from kensa.serving.console.guard import ConsoleGuard, json_error, wants_html
 from kensa.serving.console.pages import alerts, line, models, review, signin
 from kensa.serving.console.session import SessionCodec
 from kensa.serving.console.web import STATIC_DIR, ConsoleError, Pages
 from kensa.serving.security.auth import CONSOLE_PREFIX
 from kensa.settings import Settings
+
+if TYPE_CHECKING:
+    from kensa.serving.console.heatmap import Heatmap
 
 log = logging.getLogger("kensa.serving.console")
 
@@ -35,12 +39,16 @@ def create_console(
     *,
     current_model: CurrentModel = lambda: None,
     refresh_champion: RefreshChampion = _no_refresh,
+    draw_heatmap: DrawHeatmap | None = None,
 ) -> FastAPI:
     """The console as its own ASGI app (mount it at ``/console``)."""
     codec = SessionCodec(settings.session_secret)
     pages = Pages(settings, codec)
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-    app.state.console = Console(settings, sessions, pages, current_model, refresh_champion)
+    console = Console(settings, sessions, pages, current_model, refresh_champion)
+    if draw_heatmap is not None:
+        console.draw_heatmap = draw_heatmap
+    app.state.console = console
     pages_modules = (signin, review, alerts, models, line)
     for module in pages_modules:
         app.include_router(module.router)
@@ -121,7 +129,27 @@ def mount_console(app: FastAPI, settings: Settings, sessions: sessionmaker[Sessi
             return f"serving answers with version {serving}"
         return ""
 
+    # One heatmap at a time, in a worker thread: a person paging through the review queue takes
+    # at most one core from the line, whose batches keep their own inference threads.
+    one_at_a_time: list[asyncio.Semaphore] = []
+
+    async def draw_heatmap(data: bytes) -> Heatmap:
+        from kensa.serving.console.heatmap import check_model, draw
+
+        state = getattr(app.state, "kensa", None)
+        model = check_model(state.models.current if state is not None else None)
+        if not one_at_a_time:
+            one_at_a_time.append(asyncio.Semaphore(1))
+        async with one_at_a_time[0]:
+            return await asyncio.to_thread(draw, model, data, settings.max_pixels)
+
     app.mount(
         CONSOLE_PREFIX,
-        create_console(settings, sessions, current_model=current_model, refresh_champion=refresh_champion),
+        create_console(
+            settings,
+            sessions,
+            current_model=current_model,
+            refresh_champion=refresh_champion,
+            draw_heatmap=draw_heatmap,
+        ),
     )

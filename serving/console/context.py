@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -14,10 +14,20 @@ from kensa.serving.console.web import Pages
 from kensa.settings import Settings
 
 if TYPE_CHECKING:
+    from kensa.serving.console.heatmap import Heatmap
     from kensa.serving.console.registry_view import RegistryView
 
 CurrentModel = Callable[[], dict[str, Any] | None]
 RefreshChampion = Callable[[str], Awaitable[str]]
+# The served anomaly model's heatmap of an encoded image, drawn off the event loop; raises
+# HeatmapUnavailable (no model, a classifier) or ApiError (bytes that are no readable image).
+DrawHeatmap = Callable[[bytes], Awaitable["Heatmap"]]
+
+
+async def _no_serving(data: bytes) -> Heatmap:
+    from kensa.serving.console.heatmap import HeatmapUnavailable
+
+    raise HeatmapUnavailable(503, "no_model", "the console runs without serving: no model can draw a heatmap")
 
 
 @dataclass
@@ -27,6 +37,7 @@ class Console:
     pages: Pages
     current_model: CurrentModel  # the model the inference app serves now (describe()), if any
     refresh_champion: RefreshChampion  # look at the champion alias now; a sentence for people
+    draw_heatmap: DrawHeatmap = field(default=_no_serving)  # the served anomaly model's heatmap
 
     @cached_property
     def registry(self) -> RegistryView:

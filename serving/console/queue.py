@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Select, func, select, update
 from sqlalchemy.orm import Session
 
+from kensa.serving.inference.predlog import ANOMALY_KEY
 from kensa.store.audit import append_event
 from kensa.store.models import Prediction, ReviewItem, utcnow
 
@@ -39,6 +41,16 @@ class QueueView:
     part_id: str | None
     verdict_hint: str  # the class the model leaned to
     next_id: int | None  # the part after this one (its image is prefetched)
+    # An anomaly model's finding when it judged the part (score, peak, region: the prediction
+    # log's ``image_stats["anomaly"]``); None for a classifier's verdict.
+    anomaly: dict[str, Any] | None = None
+
+    @property
+    def region_box(self) -> dict[str, int] | None:
+        """The region in pixels of the image as sent, if the anomaly model cut one."""
+        region = (self.anomaly or {}).get("region")
+        box = region.get("image_box") if isinstance(region, dict) else None
+        return box if isinstance(box, dict) and {"x0", "y0", "x1", "y1"} <= set(box) else None
 
 
 def ordered_classes(probs: dict[str, float]) -> list[str]:
@@ -70,9 +82,15 @@ def next_view(session: Session, *, line_id: str | None = None) -> QueueView | No
     item = items[0]
     probs = dict(item.probs or {})
     ordered = [(name, float(probs[name])) for name in ordered_classes(probs)]
-    part_id = None
+    part_id, anomaly = None, None
     if item.prediction_id is not None:
-        part_id = session.scalar(select(Prediction.part_id).where(Prediction.id == item.prediction_id))
+        found = session.execute(
+            select(Prediction.part_id, Prediction.image_stats).where(Prediction.id == item.prediction_id)
+        ).first()
+        if found is not None:
+            part_id = found.part_id
+            stored = (found.image_stats or {}).get(ANOMALY_KEY)
+            anomaly = stored if isinstance(stored, dict) else None
     return QueueView(
         item=item,
         probs=ordered,
@@ -80,6 +98,7 @@ def next_view(session: Session, *, line_id: str | None = None) -> QueueView | No
         part_id=part_id,
         verdict_hint=max(ordered, key=lambda kv: kv[1])[0] if ordered else "",
         next_id=items[1].id if len(items) > 1 else None,
+        anomaly=anomaly,
     )
 
 

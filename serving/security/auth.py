@@ -74,6 +74,7 @@ CONSOLE_POLICY: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/console/logout"): PEOPLE,
     ("GET", "/console/review"): READERS,
     ("GET", "/console/review/{item_id}/image"): READERS,
+    ("GET", "/console/review/{item_id}/heatmap.png"): READERS,
     ("POST", "/console/review/{item_id}/label"): LABELLERS,
     ("GET", "/console/alerts"): READERS,
     ("GET", "/console/alerts/{alert_id}"): READERS,

@@ -46,6 +46,14 @@ PEOPLE = {
 # The project's approval policy: operators and admins decide; nobody approves their own model.
 PROJECT_CONFIG = '[approval]\ntwo_person = true\napprover_roles = ["admin", "operator"]\n'
 
+# Every control, image and framed page must carry a name a screen reader can say: the ones that
+# do not, as HTML snippets (an empty list on every console page).
+UNNAMED_CONTROLS_JS = """() => [...document.querySelectorAll(
+    'button, a[href], select, textarea, input:not([type=hidden]), img, iframe, svg[role=img]')]
+  .filter(el => !(el.getAttribute('aria-label') || (el.labels && el.labels.length)
+                 || el.getAttribute('alt') || el.getAttribute('title') || el.textContent.trim()))
+  .map(el => el.outerHTML.slice(0, 120))"""
+
 # An Evidently report is a page of inline scripts; this one also tries to reach the console page
 # around it, which the sandbox must stop.
 PROBE_REPORT = """<!doctype html><html><head><meta charset="utf-8"><title>Data drift</title></head>

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from console_models import NAME
-from console_scene import Scene, open_drift_alert
+from console_scene import UNNAMED_CONTROLS_JS, Scene, open_drift_alert
 from playwright.sync_api import Page, expect
 from serving_helpers import solid
 from sqlalchemy import select
@@ -281,12 +281,7 @@ def test_everything_is_escaped_and_every_control_is_labelled(scene: Scene, page:
         f"/console/models/compare?a={scene.versions['champion']}&b={scene.versions['candidate']}",
         "/console/line",
     ]
-    unnamed_js = """() => [...document.querySelectorAll(
-        'button, a[href], select, textarea, input:not([type=hidden]), img, iframe, svg[role=img]')]
-      .filter(el => !(el.getAttribute('aria-label') || (el.labels && el.labels.length)
-                     || el.getAttribute('alt') || el.getAttribute('title') || el.textContent.trim()))
-      .map(el => el.outerHTML.slice(0, 120))"""
     for path in pages:
         response = page.goto(scene.base + path)
         assert response is not None and response.status == 200, path
-        assert page.evaluate(unnamed_js) == [], path
+        assert page.evaluate(UNNAMED_CONTROLS_JS) == [], path

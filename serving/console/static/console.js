@@ -1,4 +1,5 @@
-// kensa console: keyboard labelling, image zoom, and the line panel's refresh. No framework, no build.
+// kensa console: keyboard labelling, image zoom, the anomaly heatmap, and the line panel's refresh.
+// No framework, no build.
 "use strict";
 
 function typing(event) {
@@ -15,6 +16,12 @@ function onKey(event) {
   if (key === "z" && zoom) {
     event.preventDefault();
     zoom.click();
+    return;
+  }
+  const heat = document.getElementById("heat-toggle");
+  if (key === "h" && heat) {
+    event.preventDefault();
+    if (!heat.disabled) heat.click();
     return;
   }
   const form = document.getElementById("label-form");
@@ -36,6 +43,51 @@ function setupZoom() {
     zoom.setAttribute("aria-pressed", String(on));
     zoom.classList.toggle("zoomed", on);
   });
+}
+
+// The heatmap of a part an anomaly model judged: drawn by the served model on first show (it runs
+// the model, so never on page load), laid over the part image with the region the model cut.
+function setupHeatmap() {
+  const toggle = document.getElementById("heat-toggle");
+  const overlay = document.getElementById("heatmap");
+  if (!toggle || !overlay) return;
+  const region = document.querySelector("svg.region");
+  const status = document.getElementById("heat-status");
+  function say(text, error) {
+    status.textContent = text; // text, never markup
+    status.classList.toggle("error", Boolean(error));
+  }
+  function show(on) {
+    toggle.setAttribute("aria-pressed", String(on));
+    toggle.setAttribute("aria-label", on ? toggle.dataset.labelOn : toggle.dataset.labelOff);
+    if (on && !overlay.getAttribute("src")) {
+      say("Drawing the heatmap…");
+      overlay.src = overlay.dataset.src;
+    }
+    overlay.toggleAttribute("hidden", !on);
+    if (region) region.toggleAttribute("hidden", !on);
+    if (!on && overlay.complete && overlay.naturalWidth > 0) say("Heatmap hidden.");
+  }
+  overlay.addEventListener("load", () => {
+    if (toggle.getAttribute("aria-pressed") === "true") {
+      say("Heatmap shown: yellow to red where the part differs from good parts, the region outlined.");
+    }
+  });
+  overlay.addEventListener("error", async () => {
+    overlay.removeAttribute("src"); // drawn again on the next show
+    show(false);
+    let detail = "the heatmap could not be drawn";
+    try {
+      // The console answers why as JSON (an image request cannot read it): ask once more.
+      const response = await fetch(overlay.dataset.src, { credentials: "same-origin" });
+      const body = await response.json();
+      if (body && body.detail) detail = body.detail;
+    } catch (err) {
+      // keep the general sentence
+    }
+    say(`No heatmap: ${detail}`, true);
+  });
+  toggle.addEventListener("click", () => show(toggle.getAttribute("aria-pressed") !== "true"));
 }
 
 function setupRefresh() {
@@ -74,5 +126,6 @@ function setupRefresh() {
 
 document.addEventListener("DOMContentLoaded", () => {
   setupZoom();
+  setupHeatmap();
   setupRefresh();
 });
