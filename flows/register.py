@@ -156,8 +156,11 @@ def _build_reference(onnx_path: Path) -> Path | None:
     if not (run_dir / CHECKPOINT_NAME).is_file():
         return None
     try:
-        dataset_root = load_checkpoint(run_dir).dataset_root
-        return build_reference(onnx_path, dataset_root).save(run_dir / REFERENCE_FILE)
+        from kensa.models.train.anomaly import is_anomaly_run, load_anomaly_run
+
+        # Either kind of run: the reference is built from the ONNX file's own outputs.
+        loaded = load_anomaly_run(run_dir) if is_anomaly_run(run_dir) else load_checkpoint(run_dir)
+        return build_reference(onnx_path, loaded.dataset_root).save(run_dir / REFERENCE_FILE)
     except (OSError, ValueError, KeyError) as exc:
         # Registration must not fail for want of a drift reference; the monitor says it is missing.
         log.warning("reference_not_built", extra={"onnx": str(onnx_path), "error": str(exc)})

@@ -188,12 +188,16 @@ def build_reference(onnx_path: Path, dataset_root: Path, *, split: str = "calibr
     from kensa.models.onnx.contract import read_metadata, read_preprocess
 
     ds = load_dataset(dataset_root)
-    recipe = read_preprocess(read_metadata(onnx_path))  # the pixels serving will feed it
+    meta = read_metadata(onnx_path)
+    recipe = read_preprocess(meta)  # the pixels serving will feed it
     records = ds.split(split)
     if not records:
         raise ValueError(f"dataset {dataset_root} has no {split} parts to build a reference from")
     images = np.stack([load_image(r.absolute_path, recipe).permute(1, 2, 0).numpy() for r in records])
     index = {c: i for i, c in enumerate(ds.classes)}
+    if meta.get("kind") == "anomaly":
+        # The model's classes are ok and defect_anomaly: every defect type is its class 1.
+        index = {c: (0 if c == "ok" else 1) for c in ds.classes}
     profile = profile_from_images(
         images,
         onnx_path,

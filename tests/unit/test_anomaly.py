@@ -31,6 +31,7 @@ from kensa.models.nets.patchcore import PatchCoreConfig, PatchCoreFit, fit_patch
 from kensa.models.onnx.anomaly import export_anomaly_model, export_anomaly_run
 from kensa.models.onnx.contract import read_metadata
 from kensa.models.train.anomaly import fit_anomaly_run, is_anomaly_run
+from kensa.monitoring.reference import build_reference
 from kensa.settings import Settings
 
 SIZE = 128
@@ -144,6 +145,10 @@ def test_good_only_run_goes_from_ingest_to_an_exported_model(tmp_path: Path) -> 
     meta = read_metadata(run / "model.onnx")
     assert meta["kind"] == "anomaly" and meta["model_name"] == "patchcore"
     assert meta["band"]["t_defect"] == m["band"]["t_defect"] and meta["kensa.preprocess"]["size"] == 96
+    # The drift monitor's reference comes from the same ONNX outputs as a classifier's.
+    reference = build_reference(run / "model.onnx", data)
+    assert reference.classes == ("ok", "defect_anomaly") and reference.model_name == "patchcore"
+    assert reference.table.labels is not None and set(reference.table.labels.tolist()) == {0, 1}
 
 
 def test_good_only_run_with_too_few_calibration_parts_is_refused_with_the_number(tmp_path: Path) -> None:
