@@ -27,32 +27,19 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from bench.ladder import cpu_seconds, onnx_images_per_second
-from kensa.models.data.ingest import ImageRecord, ingest_dataset, load_dataset
+from kensa.models.data.ingest import ingest_dataset, load_dataset
 from kensa.models.evaluation.anomaly_band import NotEnoughCalibrationError, calibrate_anomaly_band
+from kensa.models.evaluation.evaluate_anomaly import record_mask
 from kensa.models.evaluation.thresholds import apply_band
 from kensa.models.line.synthetic import LineConditions, generate_dataset
 from kensa.models.nets.patchcore import PatchCoreConfig, fit_patchcore, score_images
 from kensa.models.onnx.anomaly import export_anomaly_model
+from kensa.models.train.anomaly import good_images
 from kensa.models.train.cpu import configure_cpu_training
-from kensa.models.train.trainer import record_tensors
 from kensa.settings import Settings
-
-
-def _images(ds: Any, records: list[ImageRecord], size: int) -> torch.Tensor:
-    """(N, S, S, 3) uint8, decoded the way training decodes them."""
-    return record_tensors(ds, records, size).images.permute(0, 2, 3, 1).contiguous()
-
-
-def _mask(r: ImageRecord, size: int) -> np.ndarray:
-    rel = r.metadata.get("mask", "")
-    if not rel:
-        return np.zeros((size, size), bool)
-    with Image.open(r.root / rel) as im:
-        return np.asarray(im.convert("L").resize((size, size), Image.Resampling.NEAREST)) > 127
 
 
 def measure(data: Path, size: int, good: str, out: Path, seed: int) -> dict[str, Any]:
@@ -64,13 +51,14 @@ def measure(data: Path, size: int, good: str, out: Path, seed: int) -> dict[str,
     calib = [r for r in ds.split("calibration") if r.label == "ok"]
     test = list(ds.split("test"))
     c0, t0 = cpu_seconds(), time.perf_counter()
-    fit = fit_patchcore(_images(ds, train_good, size), PatchCoreConfig(seed=seed), progress=None)
+    fit = fit_patchcore(good_images(ds, train_good, size), PatchCoreConfig(seed=seed), progress=None)
     fit_wall, fit_cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    s_cal, _ = score_images(fit.net, _images(ds, calib, size))
-    test_images = _images(ds, test, size)
+    s_cal, _ = score_images(fit.net, good_images(ds, calib, size))
+    test_images = good_images(ds, test, size)
     s_test, maps = score_images(fit.net, test_images)
     y = np.array([r.label != "ok" for r in test])
-    masks = np.stack([_mask(r, size) for r in test])
+    none = np.zeros((size, size), bool)
+    masks = np.stack([m if (m := record_mask(r, size)) is not None else none for r in test])
     row: dict[str, Any] = {
         "key": f"patchcore-{good}",
         "size": size,

@@ -27,7 +27,8 @@ from kensa.models.train.anomaly import ANOMALY_CLASSES, good_images, load_anomal
 from kensa.models.train.cpu import configure_cpu_training
 
 
-def _mask(r: ImageRecord, size: int) -> np.ndarray | None:
+def record_mask(r: ImageRecord, size: int) -> np.ndarray | None:
+    """The defect mask a record's manifest names, resized to the model input; None without one."""
     rel = r.metadata.get("mask", "")
     if not rel:
         return None
@@ -80,7 +81,7 @@ def evaluate_anomaly_run(run_dir: Path, policy: BandPolicy | None = None) -> dic
             else ("measured, not certified" if y.any() else "unknown: no defective test parts"),
         },
     }
-    masks = [_mask(r, run.input_size) for r in test]
+    masks = [record_mask(r, run.input_size) for r in test]
     if any(m is not None for m in masks):
         truth = np.stack([m if m is not None else np.zeros(maps.shape[1:], bool) for m in masks])
         metrics["pixel_auroc"] = float(roc_auc_score(truth.ravel(), maps.ravel()))

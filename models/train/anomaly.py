@@ -62,7 +62,7 @@ def is_anomaly_run(run_dir: Path) -> bool:
     return isinstance(payload, dict) and payload.get("kind") == "anomaly"
 
 
-def good_images(ds: DatasetVersion, records: list[ImageRecord], recipe: Preprocess) -> torch.Tensor:
+def good_images(ds: DatasetVersion, records: list[ImageRecord], recipe: Preprocess | int) -> torch.Tensor:
     """(N, S, S, 3) uint8 images of ``records``, decoded as training and serving decode them."""
     return record_tensors(ds, records, recipe).images.permute(0, 2, 3, 1).contiguous()
 
