@@ -29,17 +29,15 @@ import torch
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score
 
-from bench.ladder import cpu_seconds, onnx_images_per_second
-from kensa.models.data.ingest import ingest_dataset, load_dataset
+from bench.ladder import bench_line, cpu_seconds, onnx_images_per_second
+from kensa.models.data.ingest import load_dataset
 from kensa.models.evaluation.anomaly_band import NotEnoughCalibrationError, calibrate_anomaly_band
 from kensa.models.evaluation.evaluate_anomaly import record_mask
 from kensa.models.evaluation.thresholds import apply_band
-from kensa.models.line.synthetic import LineConditions, generate_dataset
 from kensa.models.nets.patchcore import PatchCoreConfig, fit_patchcore, score_images
 from kensa.models.onnx.anomaly import export_anomaly_model
 from kensa.models.train.anomaly import good_images
 from kensa.models.train.cpu import configure_cpu_training
-from kensa.settings import Settings
 
 
 def measure(data: Path, size: int, good: str, out: Path, seed: int) -> dict[str, Any]:
@@ -181,10 +179,7 @@ def main() -> None:
         args.log.write_text("".join(json.dumps(r) + "\n" for r in rows))
         sizes = []
     for size, n in zip(sizes, counts, strict=False):
-        data = args.out / f"line-{size}-{args.seed}-{n}"
-        if not (data / ".kensa-dataset.json").exists():
-            generate_dataset(data, n=n, seed=args.seed, image_size=size, conditions=LineConditions())
-            ingest_dataset(data, Settings(data_dir=args.out / "home"))
+        data = bench_line(args.out, size, n, args.seed)
         for good in args.good.split(","):
             if any(
                 (r["key"], r["size"], r["n"], r["seed"]) == (f"patchcore-{good}", size, n, args.seed)

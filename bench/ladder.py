@@ -123,6 +123,15 @@ def measure(key: str, data: Path, size: int, out: Path, seed: int) -> dict[str, 
     }
 
 
+def bench_line(out: Path, size: int, n: int, seed: int) -> Path:
+    """The benchmark's line ``out/line-<size>-<seed>-<n>``, generated and ingested once."""
+    data = out / f"line-{size}-{seed}-{n}"
+    if not (data / ".kensa-dataset.json").exists():
+        generate_dataset(data, n=n, seed=seed, image_size=size, conditions=LineConditions())
+        ingest_dataset(data, Settings(data_dir=out / "home"))
+    return data
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f} %"
 
@@ -196,10 +205,7 @@ def main() -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     for size, n in zip(sizes, counts * len(sizes) if len(counts) == 1 else counts, strict=False):
-        data = args.out / f"line-{size}-{args.seed}-{n}"
-        if not (data / ".kensa-dataset.json").exists():
-            generate_dataset(data, n=n, seed=args.seed, image_size=size, conditions=LineConditions())
-            ingest_dataset(data, Settings(data_dir=args.out / "home"))
+        data = bench_line(args.out, size, n, args.seed)
         for key in args.rungs.split(","):
             if any(
                 (r["key"], r["size"], r.get("n"), r.get("seed")) == (key, size, n, args.seed) for r in rows
