@@ -13,8 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from kensa.models.evaluation.evaluate_anomaly import evaluate_anomaly_run
 from kensa.models.evaluation.evaluate_run import BandPolicy, evaluate_run
+from kensa.models.nets.patchcore import PatchCoreConfig
+from kensa.models.onnx.anomaly import export_anomaly_run
 from kensa.models.onnx.export import cpu_session, export_run
+from kensa.models.train.anomaly import ANOMALY_MODEL, fit_anomaly_run, load_anomaly_run
 from kensa.models.train.trainer import TrainConfig, TrainResult, train
 
 
@@ -80,6 +84,10 @@ def run_stage(
     ``cache_dir`` keeps frozen-backbone maps for finetune head/last, shared by every stage on the
     same data (``kensa.models.train.feature_cache.feature_cache_dir(settings)``).
     """
+    if config.model == ANOMALY_MODEL:
+        return run_anomaly_stage(
+            data_root, out_dir, config, policy, serving_batch, max_robustness_images, show_progress
+        )
     t0 = time.perf_counter()
     if nproc > 1:
         from kensa.flows.distributed import train_distributed
@@ -111,4 +119,66 @@ def run_stage(
         parity=exported.parity,
         seconds=time.perf_counter() - t0,
         latency_ms_per_image=latency,
+    )
+
+
+def run_anomaly_stage(
+    data_root: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    policy: BandPolicy,
+    serving_batch: int = 8,
+    max_robustness_images: int = 192,
+    show_progress: bool = True,
+) -> StageOutcome:
+    """The same stage for PatchCore: fit on good parts, evaluate (corruptions too), export, time it.
+
+    Epochs, learning rate and fine-tuning rungs do not apply: the fit is one pass over the good
+    training parts (``config.fraction`` of them) and a coreset. ``parameters`` counts the backbone
+    taps and the memory bank, which is what the served graph holds.
+    """
+    if config.roi is not None:
+        raise ValueError("patchcore fits whole parts; fit 'roi' is for classifiers")
+    t0 = time.perf_counter()
+    fit_anomaly_run(
+        data_root,
+        out_dir,
+        PatchCoreConfig(seed=config.seed),
+        config.image_size,
+        config.fit,
+        fraction=config.fraction,
+    )
+    run = load_anomaly_run(out_dir)
+    metrics = evaluate_anomaly_run(
+        out_dir,
+        policy,
+        corruptions=True,
+        max_robustness_images=max_robustness_images,
+        show_progress=show_progress,
+    )
+    exported = export_anomaly_run(out_dir, out_dir / "model.onnx")
+    onnx_path = Path(exported["path"])
+    fit = run.fit
+    train = {
+        "model": ANOMALY_MODEL,
+        "epochs_run": 0,
+        "stopped_early": False,
+        "train_seconds": fit["fit_seconds"],
+        "images_per_second": fit["good_parts"] / max(fit["fit_seconds"], 1e-9),
+        **fit,
+    }
+    parameters = sum(p.numel() for p in run.net.parameters()) + run.net.bank.numel()
+    return StageOutcome(
+        model=config.model,
+        fraction=config.fraction,
+        run_dir=out_dir,
+        onnx_path=onnx_path,
+        parameters=int(parameters),
+        train_images=int(fit["good_parts"]),
+        train=train,
+        metrics=metrics,
+        parity=exported["parity"],
+        seconds=time.perf_counter() - t0,
+        latency_ms_per_image=measure_latency(onnx_path, run.input_size, serving_batch),
+        extra={"kind": "anomaly"},
     )

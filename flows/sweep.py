@@ -41,6 +41,7 @@ from kensa.flows.tracking import log_dataset_input
 from kensa.models.data.ingest import load_dataset
 from kensa.models.evaluation.scaling import effective_robustness, fit_power_law
 from kensa.models.nets.zoo import is_pretrained
+from kensa.models.train.anomaly import ANOMALY_MODEL
 from kensa.models.train.feature_cache import feature_cache_dir
 from kensa.models.train.speed import measure_train_speed
 from kensa.models.train.trainer import TrainConfig, dataset_image_size
@@ -85,7 +86,12 @@ def estimate_sweep(ctx: FlowContext, data_root: Path) -> list[Estimate]:
 
 def _fits(trials: list[Trial]) -> dict[str, Any]:
     top = max(t.fraction for t in trials)
-    by_size = sorted((t for t in trials if t.fraction == top), key=lambda t: t.parameters)
+    # A memory bank is not a model size: anomaly trials stay off the error-vs-parameters curve
+    # (their error is defect-vs-good, a classifier's is over defect types) but keep their own
+    # error-vs-data curve and their place in the table, the choice and the frontier.
+    by_size = sorted(
+        (t for t in trials if t.fraction == top and t.model != ANOMALY_MODEL), key=lambda t: t.parameters
+    )
     fits: dict[str, Any] = {
         "error_vs_parameters": {
             "clean": fit_power_law(

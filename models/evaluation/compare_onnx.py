@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from kensa.models.data.ingest import DatasetVersion
 from kensa.models.evaluation.evaluate_run import SEVERITIES, robustness_report
-from kensa.models.evaluation.qc import qc_metrics
+from kensa.models.evaluation.qc import model_labels, qc_metrics
 from kensa.models.evaluation.thresholds import BandResult
 from kensa.models.onnx.contract import read_metadata, read_preprocess
 from kensa.models.onnx.export import cpu_session, run_onnx
@@ -86,9 +86,10 @@ def _row(
 ) -> tuple[ComparisonRow, dict[str, Any], int]:
     meta = read_metadata(model.onnx_path)
     classes = list(meta.get("classes", []))
-    if classes != list(ds.classes):
-        msg = f"{model.label} predicts classes {classes}; the dataset has {list(ds.classes)}"
-        raise ValueError(msg)
+    try:
+        model_labels(classes, ds.classes, np.zeros(0, int))
+    except ValueError as exc:
+        raise ValueError(f"{model.label}: {exc}") from None
     size = int(meta["input_size"])
     band = _band(meta, model.onnx_path)
     sess = cpu_session(model.onnx_path)
@@ -97,7 +98,7 @@ def _row(
         return run_onnx(sess, images.permute(0, 2, 3, 1).contiguous().numpy())
 
     test = split_tensors(ds, "test", read_preprocess(meta))  # decoded as serving decodes for it
-    labels = test.labels.numpy()
+    labels = model_labels(classes, ds.classes, test.labels.numpy())  # defect types → one class
     clean = qc_metrics(predict(test.images), labels, classes, band.t_ok, band.t_defect)
     # The same seeded subset evaluate_predictor corrupts, so these match the recorded evaluation.
     idx = np.sort(np.random.default_rng(0).permutation(len(labels))[:max_images])

@@ -15,6 +15,25 @@ def defect_scores(probs: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     return 1.0 - probs[:, list(classes).index(OK)]
 
 
+ANOMALY_CLASS = "defect_anomaly"  # the one defect class of a model that learned from good parts
+
+
+def model_labels(model_classes: Sequence[str], data_classes: Sequence[str], labels: np.ndarray) -> np.ndarray:
+    """Label indices of a dataset (``data_classes``) as indices of a model's classes.
+
+    A classifier must predict the dataset's classes, in order. A model that learned from good
+    parts only predicts ``ok`` / ``defect_anomaly``: every defect type is its defect class, so it
+    is judged on the same parts as a classifier, by escapes, false rejects and automation.
+    """
+    model_classes, data_classes = list(model_classes), list(data_classes)
+    if model_classes == data_classes:
+        return labels
+    if model_classes == [OK, ANOMALY_CLASS] and OK in data_classes:
+        return (np.asarray(labels) != data_classes.index(OK)).astype(int)
+    msg = f"the model predicts classes {model_classes}; the dataset has {data_classes}"
+    raise ValueError(msg)
+
+
 def verdicts(
     probs: np.ndarray, classes: Sequence[str], t_ok: float, t_defect: float
 ) -> tuple[np.ndarray, np.ndarray]:

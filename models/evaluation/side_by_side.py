@@ -16,7 +16,7 @@ import numpy as np
 
 from kensa.models.data.imageprep import Preprocess
 from kensa.models.data.parts import load_image
-from kensa.models.evaluation.qc import qc_metrics
+from kensa.models.evaluation.qc import ANOMALY_CLASS, OK, qc_metrics
 from kensa.models.onnx.contract import read_metadata, read_preprocess
 from kensa.models.onnx.export import cpu_session, run_onnx
 
@@ -54,6 +54,8 @@ def score_model(onnx_path: Path, images: np.ndarray, labels: Sequence[str]) -> d
     """QC metrics of one exported model on ``images`` (already at its input size)."""
     meta = read_metadata(onnx_path)
     classes = list(meta["classes"])
+    if classes == [OK, ANOMALY_CLASS]:  # learned from good parts: every defect type is its defect
+        labels = [OK if label == OK else ANOMALY_CLASS for label in labels]
     unknown = sorted(set(labels) - set(classes))
     if unknown:
         raise ValueError(f"labels {unknown} are not classes of {onnx_path.name} ({classes})")

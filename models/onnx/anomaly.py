@@ -71,6 +71,9 @@ def check_anomaly_parity(
         "n_images": len(images),
         "max_abs_score_diff": score_diff,
         "max_abs_map_diff": map_diff,
+        # probs are (1 - s, s) of the clipped score, so they move no more than the score does:
+        # the key every model's parity report carries (flows log it as parity_max_abs_diff).
+        "max_abs_prob_diff": score_diff,
         "score_tolerance": SCORE_ATOL,
         "map_tolerance": MAP_ATOL,
         "verdict_agreement": agreement,

@@ -15,11 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kensa import __version__
 from kensa.models.data.imageprep import Preprocess, preprocess_from_config
 from kensa.models.data.ingest import DatasetVersion, ImageRecord, load_dataset
+from kensa.models.evaluation.qc import ANOMALY_CLASS, OK
 from kensa.models.nets.patchcore import (
     PatchCoreConfig,
     PatchCoreNet,
@@ -33,7 +35,7 @@ from kensa.models.train.trainer import CHECKPOINT_NAME, dataset_image_size, reco
 
 ANOMALY_FORMAT = "kensa-anomaly/1"
 ANOMALY_MODEL = "patchcore"
-ANOMALY_CLASSES = ["ok", "defect_anomaly"]  # what an anomaly model's verdicts can name
+ANOMALY_CLASSES = [OK, ANOMALY_CLASS]  # what an anomaly model's verdicts can name
 
 
 @dataclass
@@ -74,19 +76,33 @@ def fit_anomaly_run(
     image_size: int | None = None,
     fit: str = "letterbox",
     progress: ProgressCallback | None = None,
+    fraction: float = 1.0,
 ) -> Path:
     """Fit PatchCore on the good parts of the training split; write ``out_dir/checkpoint.pt``.
 
     Works on any dataset version: a good-parts-only one (``--task anomaly``) or a classifier's,
-    whose defective training parts are simply not used.
+    whose defective training parts are simply not used. ``fraction`` < 1 fits on a seeded share of
+    the good training parts (the sweep's data axis), at least 2.
     """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
     config = config or PatchCoreConfig()
     configure_cpu_training()
     ds = load_dataset(data_root)
     size = image_size or dataset_image_size(ds)
-    train_config = {"model": ANOMALY_MODEL, "image_size": size, "fit": fit, **config.to_dict()}
+    train_config = {
+        "model": ANOMALY_MODEL,
+        "image_size": size,
+        "fit": fit,
+        "fraction": fraction,
+        **config.to_dict(),
+    }
     recipe = preprocess_from_config(train_config, size)
     good = [r for r in ds.split("train") if r.label == "ok"]
+    if fraction < 1.0 and len(good) > 2:
+        n_keep = max(2, round(len(good) * fraction))
+        keep = np.random.default_rng(config.seed).permutation(len(good))[:n_keep]
+        good = [good[i] for i in sorted(keep)]
     if len(good) < 2:
         raise ValueError(f"the training split holds {len(good)} good parts; PatchCore needs at least 2")
     t0 = time.perf_counter()

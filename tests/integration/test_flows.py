@@ -128,6 +128,102 @@ def test_sweep_takes_over_the_pilots_trial_instead_of_paying_twice(
     assert stages == ["pilot", "sweep"]  # the pilot once, the other trial once: nothing twice
 
 
+def test_a_model_learned_from_good_parts_goes_through_the_same_pilot_sweep_and_compare(
+    tiny_line: Path, tmp_path: Path, env: Settings
+) -> None:
+    from kensa.flows.pilot import pilot
+    from kensa.models.data.ingest import load_dataset
+    from kensa.models.evaluation.compare_onnx import ComparedModel, compare_models
+
+    # PatchCore pilots on half the good parts; the sweep puts it beside a supervised model, both
+    # judged by the same gate on the same parts and the same corrupted copies.
+    config = write_config(
+        tmp_path,
+        LENIENT,
+        **{
+            'model = "small_cnn"': 'model = "patchcore"',
+            "fraction = 0.4": "fraction = 0.5",
+            '["mobilenet_v3_small", "mobilenet_v3_large"]': '["tiny_cnn", "patchcore"]',
+            "fractions = [0.5, 1.0]": "fractions = [0.5]",
+        },
+    )
+    summary = pilot(data=str(tiny_line), config_path=str(config))
+    assert summary["gate"]["passed"]
+    pilot_run = MlflowClient().get_run(summary["pilot_run_id"])
+    for key in ("test.escape_rate", "test.defect_auroc", "robustness.corrupted_escape_rate"):
+        assert key in pilot_run.data.metrics, sorted(pilot_run.data.metrics)
+    assert pilot_run.data.params["epochs_run"] == "0"
+    sweep = summary["sweep"]
+    trials = {t["key"]: t for t in sweep["trials"]}
+    assert set(trials) == {"tiny_cnn@0.5", "patchcore@0.5"}
+    # The pilot's PatchCore is the sweep's patchcore point: taken over, not fitted again.
+    reused = MlflowClient().get_run(trials["patchcore@0.5"]["run_id"])
+    assert reused.data.tags["kensa.reused_from"] == summary["pilot_run_id"]
+    for t in trials.values():
+        assert 0.0 <= t["corrupted_escape_rate"] <= 1.0 and t["serving_cost_per_million"] > 0
+    # A memory bank is not a model size: PatchCore stays off the error-vs-parameters curve.
+    assert sweep["fits"]["error_vs_parameters"]["clean"]["n_points"] == 1
+    assert set(sweep["fits"]["error_vs_data"]) == {"tiny_cnn", "patchcore"}
+    assert MlflowClient().get_model_version_by_alias("qc-test", ALIAS_CANDIDATE).version
+
+    # `kensa compare`'s engine: the supervised model and PatchCore on the same test parts.
+    root = Path(summary["pilot_dir"]).parent
+    onnx = {
+        "tiny_cnn@0.5": root / "sweep" / "tiny_cnn_f0.5" / "model.onnx",
+        "patchcore@0.5": root / "pilot" / "model.onnx",  # the pilot's, taken over by the sweep
+    }
+    ds = load_dataset(tiny_line)
+    c = compare_models(
+        ComparedModel("supervised", onnx["tiny_cnn@0.5"]),
+        ComparedModel("patchcore", onnx["patchcore@0.5"]),
+        ds,
+        latency=lambda path, size: 1.0,
+        cost_per_million=lambda ms: ms,
+        max_robustness_images=16,
+        show_progress=False,
+    )
+    a, b = c.rows
+    assert (a.model_name, b.model_name) == ("tiny_cnn", "patchcore")
+    n_defective = sum(r.label != "ok" for r in ds.split("test"))
+    for row in (a, b):
+        assert row.escape_rate * n_defective == pytest.approx(round(row.escape_rate * n_defective))
+        assert 0.0 <= row.corrupted_escape_rate <= 1.0
+
+    # Recalibrated without a refit: a new governed version of the same PatchCore graph. Asked for
+    # a false-reject guarantee its good calibration parts cannot carry, it is refused with the count.
+    from kensa.flows.register import register_candidate
+    from kensa.models.evaluation.anomaly_band import NotEnoughCalibrationError
+    from kensa.notebook.recalibrate import recalibrate_version
+
+    with mlflow.start_run(experiment_id=MlflowClient().get_experiment_by_name("kensa").experiment_id):
+        pc = register_candidate(
+            onnx["patchcore@0.5"],
+            "qc-test",
+            registered_by="dana",
+            source="test",
+            kpi={},
+            cost={},
+            parity={},
+            settings=env,
+        )
+    strict = tmp_path / "strict.toml"
+    strict.write_text(
+        config.read_text().replace("max_false_reject_rate = 0.99", "max_false_reject_rate = 0.001")
+    )
+    with pytest.raises(NotEnoughCalibrationError, match="at least 2302 are needed"):
+        recalibrate_version(
+            pc.version, registered_by="kim", reason="r", data=tiny_line, config=strict, settings=env
+        )
+    done = recalibrate_version(
+        pc.version, registered_by="kim", reason="new lamp", data=tiny_line, config=config, settings=env
+    )
+    assert done.from_version == pc.version and int(done.version) == int(pc.version) + 1
+    assert (
+        MlflowClient().get_model_version("qc-test", done.version).tags["kensa.recalibrated_from"]
+        == pc.version
+    )
+
+
 def test_budget_overrun_is_refused_before_anything_starts(
     tiny_line: Path, tmp_path: Path, env: Settings
 ) -> None:
