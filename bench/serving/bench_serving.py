@@ -22,6 +22,11 @@ clients take as little of the two cores as possible, else an httpx client in thi
 
     .venv/bin/python bench/serving/bench_serving.py --models mobilenet_v3_small resnet18 \
         --sizes 224 1024 --seconds 10 --clients 16
+
+``--onnx FILE ...`` serves exported kensa models instead (a fitted PatchCore, say: its memory bank,
+not its weights, sets its speed), each at the sizes given:
+
+    .venv/bin/python bench/serving/bench_serving.py --onnx run/model.onnx --sizes 256 --no-litserve
 """
 
 from __future__ import annotations
@@ -209,6 +214,7 @@ def main() -> None:
         default=["mobilenet_v3_small", "resnet18", NULL_MODEL],
         help=f"zoo architectures, and '{NULL_MODEL}': a model that costs nothing to run",
     )
+    parser.add_argument("--onnx", nargs="+", type=Path, default=[], help="kensa ONNX files to serve instead")
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 1024])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=16)
@@ -232,8 +238,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        for arch in args.models:
-            model = build_model(arch, tmp / f"{arch}.onnx")
+        if args.onnx:
+            from kensa.models.onnx.contract import read_metadata
+
+            models = [(f"{read_metadata(p).get('model_name', p.stem)} ({p.name})", p) for p in args.onnx]
+        else:
+            models = [(arch, build_model(arch, tmp / f"{arch}.onnx")) for arch in args.models]
+        for arch, model in models:
             for size in args.sizes:
                 parts = make_parts(size)
                 limit = in_process_limit(model, parts, args.seconds)

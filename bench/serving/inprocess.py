@@ -112,10 +112,15 @@ def _rate(
 
     from kensa.serving.inference.decode import decode_image
 
-    def decode(i: int) -> np.ndarray:
-        return decode_image(parts[i % len(parts)], INPUT_SIZE, 10**9).pixels
+    side = sess.get_inputs()[0].shape[1]
+    size = side if isinstance(side, int) else INPUT_SIZE
+    # Every output the graph has, as serving asks for them (an anomaly model's map gives the region).
+    outputs = [o.name for o in sess.get_outputs()]
 
-    sess.run(["probs", "features"], {"images": np.zeros((batch, INPUT_SIZE, INPUT_SIZE, 3), np.uint8)})
+    def decode(i: int) -> np.ndarray:
+        return decode_image(parts[i % len(parts)], size, 10**9).pixels
+
+    sess.run(outputs, {"images": np.zeros((batch, size, size, 3), np.uint8)})
     counter = itertools.count()
     lock = threading.Lock()
     end = time.perf_counter() + seconds
@@ -131,7 +136,7 @@ def _rate(
         while time.perf_counter() < end:
             images = np.stack([f.result() for f in ahead[:batch]])
             ahead = ahead[batch:] + next_decodes(batch)
-            sess.run(["probs", "features"], {"images": images})
+            sess.run(outputs, {"images": images})
             done += batch
         for f in ahead:
             f.result()

@@ -193,3 +193,59 @@ def compare_cmd(
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
     console.print(f"plot: {escape(str(result.plot))}  report: {escape(str(result.report))}")
+
+
+def recalibrate_cmd(
+    version: Annotated[str, typer.Argument(help="Registered version whose band is recalibrated.")],
+    by: Annotated[str, typer.Option("--by", help="Who recalibrates (recorded in the audit log).")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded in the audit log).")],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", help="Dataset whose calibration split sets the band (default: the version's own)."
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Registered model name (default: the project's).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="kensa.toml (KPI: the guarantee and the gate).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """New thresholds for a registered model, no refit: calibrated, gated, registered as a candidate."""
+    settings = get_settings()
+    from kensa.flows.config import ConfigError
+    from kensa.flows.gate import GateFailedError
+    from kensa.models.data.ingest import DatasetError
+    from kensa.notebook.compare import CompareError
+    from kensa.notebook.recalibrate import recalibrate_version
+
+    try:
+        result = recalibrate_version(
+            version, registered_by=by, reason=reason, name=name, data=data, config=config, settings=settings
+        )
+    except GateFailedError as exc:
+        err_console.print(f"[red]not registered[/red]: {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(ExitCode.GATE) from None
+    except (CompareError, ConfigError, DatasetError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        print_json(result.to_dict())
+        return
+    table = Table(title=escape(f"{result.name} v{result.from_version} → v{result.version} (same graph)"))
+    for column in ("", f"v{result.from_version}", f"v{result.version}"):
+        table.add_column(escape(column), justify="right" if column else "left")
+    for key in ("t_ok", "t_defect"):
+        old, new = result.previous_band.get(key), result.band[key]
+        table.add_row(key, "-" if old is None else f"{old:.4f}", f"{new:.4f}")
+    was = result.previous_band.get("guaranteed", "-")
+    table.add_row("guaranteed", str(was), str(result.band["guaranteed"]))
+    console.print(table)
+    t = result.test
+    console.print(
+        f"test split with the new band: escape {t['escape_rate']:.2%}, false reject "
+        f"{t['false_reject_rate']:.2%}, automation {t['automation_rate']:.1%}"
+    )
+    console.print(escape(result.band.get("message", "")), soft_wrap=True)
+    console.print(f"approve with: kensa approve {result.version} --by NAME --reason TEXT")

@@ -41,7 +41,7 @@ class ComparisonResult:
     notes: list[str]
 
 
-def _version(client: MlflowClient, name: str, version: str) -> ModelVersion:
+def get_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
     try:
         return client.get_model_version(name, version)
     except mlflow.exceptions.MlflowException:
@@ -49,8 +49,8 @@ def _version(client: MlflowClient, name: str, version: str) -> ModelVersion:
         raise CompareError(msg) from None
 
 
-def _download(client: MlflowClient, name: str, version: str, into: Path) -> Path:
-    mv = _version(client, name, version)
+def download_version(client: MlflowClient, name: str, version: str, into: Path) -> Path:
+    mv = get_version(client, name, version)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(into)))
     path = local / ONNX_FILE
     recorded = mv.tags.get(TAG_SHA256)
@@ -60,9 +60,9 @@ def _download(client: MlflowClient, name: str, version: str, into: Path) -> Path
     return path
 
 
-def _dataset_of(client: MlflowClient, name: str, version: str) -> Path | None:
+def dataset_of(client: MlflowClient, name: str, version: str) -> Path | None:
     """The dataset folder a version's run logged as its MLflow dataset input, if still there."""
-    run_id = _version(client, name, version).run_id
+    run_id = get_version(client, name, version).run_id
     if not run_id:
         return None
     inputs = client.get_run(run_id).inputs
@@ -81,7 +81,7 @@ def _pick_dataset(
     client: MlflowClient, name: str, versions: tuple[str, str], data: Path | None
 ) -> tuple[DatasetVersion, list[str]]:
     notes: list[str] = []
-    root = data or _dataset_of(client, name, versions[0]) or _dataset_of(client, name, versions[1])
+    root = data or dataset_of(client, name, versions[0]) or dataset_of(client, name, versions[1])
     if root is None:
         msg = (
             f"cannot find the dataset {name}/{versions[0]} was evaluated on (its run logged no local "
@@ -90,7 +90,7 @@ def _pick_dataset(
         raise CompareError(msg)
     ds = load_dataset(root)
     for v in versions:
-        judged_on = _version(client, name, v).tags.get(TAG_DATASET_VERSION, "")
+        judged_on = get_version(client, name, v).tags.get(TAG_DATASET_VERSION, "")
         if judged_on and judged_on != ds.version:
             notes.append(
                 f"version {v} was judged on dataset {judged_on[:12]}, compared here on {ds.short_version}"
@@ -125,12 +125,12 @@ def compare_versions(
     ctx = FlowContext(settings, project, client, ensure_experiment(settings, EXPERIMENT))
     model = name or project.name
     for v in (version_a, version_b):
-        _version(client, model, v)  # an unknown version fails before any download or evaluation
+        get_version(client, model, v)  # an unknown version fails before any download or evaluation
     ds, notes = _pick_dataset(client, model, (version_a, version_b), Path(data) if data else None)
     out_dir = Path(out) if out else settings.data_dir / "compare"
     stem = f"compare_{model}_v{version_a}_v{version_b}"
     with tempfile.TemporaryDirectory() as tmp:
-        paths = [_download(client, model, v, Path(tmp) / v) for v in (version_a, version_b)]
+        paths = [download_version(client, model, v, Path(tmp) / v) for v in (version_a, version_b)]
         comparison = compare_models(
             ComparedModel(f"v{version_a}", paths[0]),
             ComparedModel(f"v{version_b}", paths[1]),

@@ -199,7 +199,8 @@ def _read_parity(onnx_out: Path) -> dict[str, Any]:
     return dict(json.loads(report.read_text())) if report.is_file() else {"passed": False}
 
 
-def _save(proto: onnx.ModelProto, metadata: dict[str, Any], out: Path) -> None:
+def save_onnx(proto: onnx.ModelProto, metadata: dict[str, Any], out: Path) -> None:
+    """Write ``proto`` to ``out`` with ``metadata`` as its properties (JSON for non-strings), atomically."""
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key = key
@@ -265,7 +266,7 @@ def assess_onnx(
     truth = parity_reference if parity_reference is not None else ref
     metadata["parity_sample"] = parity_sample_metadata(truth, size)
     out = run_dir / ONNX_NAME
-    _save(wrapped, metadata, out)
+    save_onnx(wrapped, metadata, out)
     calib, test = split_tensors(ds, "calibration", size), split_tensors(ds, "test", size)
     parity = check_parity(truth, out, parity_pool(calib.images, test.images, 256), list(ds.classes), band)
     out.with_suffix(".parity.json").write_text(json.dumps(parity, indent=2))

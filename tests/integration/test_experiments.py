@@ -389,3 +389,57 @@ def _aliases(client: MlflowClient) -> dict[str, str | None]:
         alias: client.get_registered_model(REGISTRY).aliases.get(alias)
         for alias in (ALIAS_CANDIDATE, ALIAS_CHAMPION)
     }
+
+
+def test_recalibrate_registers_new_thresholds_on_the_same_graph_for_approval(
+    env: Settings, experiment: ExperimentResult, tmp_path: Path
+) -> None:
+    """New parts from the line (another seed, the lamp dimmed) set a new band; nothing is refitted."""
+    import onnx
+    from sqlalchemy import select
+
+    from kensa.models.data.ingest import ingest_dataset
+    from kensa.models.line.synthetic import LineConditions, generate_dataset
+    from kensa.models.onnx.contract import read_metadata
+    from kensa.store.audit import verify_chain
+    from kensa.store.connect import open_store
+    from kensa.store.models import AuditEvent
+
+    v1 = experiment.model_version
+    assert v1 is not None
+    newer = tmp_path / "newer"
+    generate_dataset(newer, n=360, seed=23, image_size=64, conditions=LineConditions(lighting=0.8))
+    ingest_dataset(newer, env)
+    client = MlflowClient()
+    before = len(client.search_model_versions(f"name='{REGISTRY}'"))
+    args = ["--data", str(newer), "--by", "kim", "--reason", "lamp replaced"]
+    r = runner.invoke(app, ["recalibrate", v1, *args])
+    assert r.exit_code == 0, r.output
+    assert "(same graph)" in r.output and "approve with: kensa approve" in r.output
+    new = client.get_model_version_by_alias(REGISTRY, ALIAS_CANDIDATE)
+    assert int(new.version) == before + 1
+    assert new.tags["kensa.recalibrated_from"] == v1 and new.tags[TAG_REGISTERED_BY] == "kim"
+    # Trained on the old parts, calibrated on the new: both versions are on record.
+    assert new.tags[TAG_DATASET_VERSION] == client.get_model_version(REGISTRY, v1).tags[TAG_DATASET_VERSION]
+    old_file, new_file = _download(v1, tmp_path / "old"), _download(new.version, tmp_path / "new")
+    old_graph, new_graph = onnx.load(str(old_file)).graph, onnx.load(str(new_file)).graph
+    assert old_graph.SerializeToString() == new_graph.SerializeToString()  # no refit: same weights
+    old_meta, new_meta = read_metadata(old_file), read_metadata(new_file)
+    assert new_meta["recalibrated_from"]["version"] == v1
+    assert new_meta["recalibrated_from"]["reason"] == "lamp replaced"
+    assert new_meta["calibrated_on_dataset_version"] == load_dataset(newer).version
+    assert new_meta["thresholds"] != old_meta["thresholds"]  # calibrated on the new parts
+    assert json.loads(new.tags[TAG_THRESHOLDS]) == new_meta["thresholds"]  # what serving will read
+    assert new.tags[TAG_STATUS] == "candidate"
+    assert client.get_registered_model(REGISTRY).aliases.get(ALIAS_CHAMPION) != new.version
+    with open_store(env)() as session:
+        events = session.scalars(select(AuditEvent).where(AuditEvent.action == "model.recalibrate")).all()
+        assert verify_chain(session) == []
+    (event,) = events
+    assert event.actor == "kim" and event.subject.endswith(f"/{new.version}")
+    # Bad input: an unknown version, and a reason left empty, change nothing.
+    r = runner.invoke(app, ["recalibrate", "99", "--by", "kim", "--reason", "x"])
+    assert r.exit_code == 2 and f"{REGISTRY} has no version '99'" in r.output
+    r = runner.invoke(app, ["recalibrate", v1, "--by", "kim", "--reason", " "])
+    assert r.exit_code == 2 and "needs a reason" in r.output
+    assert len(client.search_model_versions(f"name='{REGISTRY}'")) == before + 1
