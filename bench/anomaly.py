@@ -39,6 +39,14 @@ from kensa.models.onnx.anomaly import export_anomaly_model
 from kensa.models.train.anomaly import good_images
 from kensa.models.train.cpu import configure_cpu_training
 
+RAW_RECIPE = "4,096 raw 176-d patches"  # the rows measured before patches were projected
+
+
+def recipe_of(config: PatchCoreConfig) -> str:
+    """How the bank is built, in words: what makes two rows of the same size comparable or not."""
+    dims = f"{config.reduce_dim}-d PCA" if config.reduce_dim else "raw 176-d"
+    return f"{config.bank_size:,} {dims} patches"
+
 
 def measure(data: Path, size: int, good: str, out: Path, seed: int) -> dict[str, Any]:
     ds = load_dataset(data)
@@ -49,7 +57,8 @@ def measure(data: Path, size: int, good: str, out: Path, seed: int) -> dict[str,
     calib = [r for r in ds.split("calibration") if r.label == "ok"]
     test = list(ds.split("test"))
     c0, t0 = cpu_seconds(), time.perf_counter()
-    fit = fit_patchcore(good_images(ds, train_good, size), PatchCoreConfig(seed=seed), progress=None)
+    config = PatchCoreConfig(seed=seed)
+    fit = fit_patchcore(good_images(ds, train_good, size), config, progress=None)
     fit_wall, fit_cpu = time.perf_counter() - t0, cpu_seconds() - c0
     s_cal, _ = score_images(fit.net, good_images(ds, calib, size))
     test_images = good_images(ds, test, size)
@@ -59,6 +68,7 @@ def measure(data: Path, size: int, good: str, out: Path, seed: int) -> dict[str,
     masks = np.stack([m if (m := record_mask(r, size)) is not None else none for r in test])
     row: dict[str, Any] = {
         "key": f"patchcore-{good}",
+        "recipe": recipe_of(config),
         "size": size,
         "good_parts": len(train_good),
         "bank": int(fit.net.bank.shape[0]),
@@ -84,10 +94,16 @@ def measure(data: Path, size: int, good: str, out: Path, seed: int) -> dict[str,
         row[f"fr{tag}"] = float((v[~y] == "defect").mean())
         row[f"certified{tag}"] = band.false_reject_guaranteed
     band5 = calibrate_anomaly_band(s_cal, np.zeros(len(s_cal), bool), max_false_reject=0.05, delta=0.1)
-    onnx = out / f"patchcore-{good}-{size}.onnx"
+    onnx = out / onnx_name(row)
     export_anomaly_model(fit.net, size, band5.to_dict(), onnx, test_images[:64].numpy())
     row["onnx_img_s"] = onnx_images_per_second(onnx, size)
     return row
+
+
+def onnx_name(r: dict[str, Any]) -> str:
+    """The exported file of a row, kept in --out for --retime."""
+    recipe = r.get("recipe", RAW_RECIPE).split(" patches")[0].replace(",", "").replace(" ", "-")
+    return f"{r['key']}-{r['size']}-{recipe}.onnx"
 
 
 def _pct(x: float | None) -> str:
@@ -108,7 +124,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| PatchCore, Lite0 taps 4+8+16 | {r['size']} | {r['good_parts']} | {r['bank']} "
+            f"| PatchCore, Lite0 taps 4+8+16 | {r['size']} | {r['good_parts']} "
+            f"| {r.get('recipe', RAW_RECIPE)} "
             f"| {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} "
             f"| {_auto(r, '5')} | {_auto(r, '2')} "
             f"| {r['fit_wall_s']:.0f} ({r['fit_cpu_s']:.0f}) | {r['onnx_img_s']:.0f} |"
@@ -124,8 +141,10 @@ def plot(rows: list[dict[str, Any]], ladder: list[dict[str, Any]], path: Path) -
         ax.scatter([r["train_cpu_s"] for r in sup], [r["auroc"] for r in sup], marker=marker, s=50,
                    color="0.6", label=f"{size} px, supervised rungs")  # fmt: skip
         an = [r for r in rows if r["size"] == size]
-        ax.scatter([r["fit_cpu_s"] for r in an], [r["image_auroc"] for r in an], marker=marker, s=70,
-                   color="C2", label=f"{size} px, PatchCore (good parts only)")  # fmt: skip
+        for raw, colour, what in ((True, "C1", RAW_RECIPE), (False, "C2", recipe_of(PatchCoreConfig()))):
+            pts = [r for r in an if (r.get("recipe", RAW_RECIPE) == RAW_RECIPE) == raw]
+            ax.scatter([r["fit_cpu_s"] for r in pts], [r["image_auroc"] for r in pts], marker=marker, s=70,
+                       color=colour, label=f"{size} px, PatchCore, {what}")  # fmt: skip
         for r in an:
             ax.annotate(f"{r['good_parts']} good", (r["fit_cpu_s"], r["image_auroc"]), fontsize=7,
                         xytext=(4, -9), textcoords="offset points")  # fmt: skip
@@ -172,7 +191,7 @@ def main() -> None:
     rows = [json.loads(x) for x in args.log.read_text().splitlines()] if args.log.exists() else []
     if args.retime:
         for r in rows:
-            onnx = args.out / f"{r['key']}-{r['size']}.onnx"
+            onnx = args.out / onnx_name(r)
             if onnx.exists():
                 r["onnx_img_s"] = onnx_images_per_second(onnx, r["size"])
                 print(f"{r['key']} {r['size']} px: {r['onnx_img_s']:.0f} img/s", flush=True)
@@ -181,9 +200,9 @@ def main() -> None:
     for size, n in zip(sizes, counts, strict=False):
         data = bench_line(args.out, size, n, args.seed)
         for good in args.good.split(","):
+            this = (f"patchcore-{good}", recipe_of(PatchCoreConfig()), size, n, args.seed)
             if any(
-                (r["key"], r["size"], r["n"], r["seed"]) == (f"patchcore-{good}", size, n, args.seed)
-                for r in rows
+                (r["key"], r.get("recipe", RAW_RECIPE), r["size"], r["n"], r["seed"]) == this for r in rows
             ):
                 continue
             row = {**measure(data, size, good, args.out, seed=0), "n": n, "seed": args.seed}

@@ -130,7 +130,11 @@ def fit_anomaly_run(
         "dataset_root": str(ds.root.resolve()),
         "code_version": __version__,
         "fit": summary,
-        "shapes": {"bank": list(fitted.net.bank.shape), "pca": list(fitted.net.pca_components.shape)},
+        "shapes": {
+            "bank": list(fitted.net.bank.shape),
+            "pca": list(fitted.net.pca_components.shape),
+            "proj": list(fitted.net.proj.shape),
+        },
         "state_dict": fitted.net.state_dict(),
     }
     path = out_dir / CHECKPOINT_NAME
@@ -149,9 +153,14 @@ def load_anomaly_run(run_dir: Path) -> AnomalyRun:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("kind") != "anomaly":
         raise ValueError(f"{path} is not an anomaly model (kind {payload.get('kind')!r})")
-    cfg = PatchCoreConfig(**{k: payload["config"][k] for k in asdict(PatchCoreConfig())})
+    cfg = PatchCoreConfig(
+        **{k: payload["config"][k] for k in asdict(PatchCoreConfig()) if k in payload["config"]}
+    )
     features, _ = build_patch_features(cfg.backbone, load_weights=False, fine=cfg.fine)
     bank_shape, pca_shape = payload["shapes"]["bank"], payload["shapes"]["pca"]
+    # Fits before patch projection carry no "proj": the identity (raw patches) is what they used.
+    state = dict(payload["state_dict"])
+    state.setdefault("proj", torch.eye(bank_shape[1]))
     net = PatchCoreNet(
         features,
         torch.zeros(bank_shape),
@@ -159,8 +168,9 @@ def load_anomaly_run(run_dir: Path) -> AnomalyRun:
         blur_sigma_for(cfg.blur_sigma, int(payload["input_size"])),
         torch.zeros(pca_shape[1]),
         torch.zeros(pca_shape),
+        torch.zeros(state["proj"].shape),
     )
-    net.load_state_dict(payload["state_dict"])
+    net.load_state_dict(state)
     net.eval()
     return AnomalyRun(
         net=net,
