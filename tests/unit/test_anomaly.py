@@ -189,3 +189,27 @@ def test_cli_learns_from_good_parts_only(tmp_path: Path, monkeypatch: pytest.Mon
     refused = runner.invoke(app, ["export", str(run), "--out", str(run / "h.onnx"), "--fp16"])
     assert refused.exit_code == 2 and "FP32 only" in refused.stderr
     get_settings.cache_clear()
+
+
+def test_patches_are_projected_before_the_bank_and_older_fits_still_load(
+    fitted: PatchCoreFit, unseen: tuple, tmp_path: Path
+) -> None:
+    from kensa.models.train.anomaly import load_anomaly_run
+
+    net = fitted.net
+    taps = net.proj.shape[0]
+    assert net.proj.shape == (taps, 64) and net.bank.shape == (1024, 64) and taps > 64
+    # A fit from before projection (raw taps in the bank, no "proj") loads with the identity and
+    # scores exactly as its graph did.
+    data = tmp_path / "line"
+    generate_dataset(data, n=120, seed=6, image_size=64)
+    ingest_dataset(data, Settings(data_dir=tmp_path / "home"), task="anomaly")
+    run = tmp_path / "run"
+    fit_anomaly_run(data, run, PatchCoreConfig(bank_size=128, reduce_dim=None))
+    payload = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert payload["shapes"]["proj"] == [taps, taps]
+    before = score_images(load_anomaly_run(run).net, torch.from_numpy(unseen[0][:4, :64, :64].copy()))[0]
+    del payload["state_dict"]["proj"], payload["shapes"]["proj"], payload["config"]["reduce_dim"]
+    torch.save(payload, run / "checkpoint.pt")
+    after = score_images(load_anomaly_run(run).net, torch.from_numpy(unseen[0][:4, :64, :64].copy()))[0]
+    np.testing.assert_allclose(after, before, rtol=1e-6)
