@@ -222,6 +222,15 @@ def test_a_model_learned_from_good_parts_goes_through_the_same_pilot_sweep_and_c
         MlflowClient().get_model_version("qc-test", done.version).tags["kensa.recalibrated_from"]
         == pc.version
     )
+    # The audit bundle of the recalibrated anomaly model checks out offline, as a classifier's does.
+    from kensa.governance.audit_export import export_bundle
+    from kensa.governance.verify import verify_bundle
+
+    bundle = export_bundle(
+        env, "qc-test", done.version, tmp_path / "pc.tar.gz", exported_by="ann", data=tiny_line
+    )
+    _, checks = verify_bundle(bundle.path, None)
+    assert [c.name for c in checks if c.passed is False] == [], checks
 
 
 def test_budget_overrun_is_refused_before_anything_starts(
