@@ -56,12 +56,15 @@ NAIVE_APP = textwrap.dedent("""
     from fastapi import FastAPI, Request
     from PIL import Image
     sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+    side = sess.get_inputs()[0].shape[1]
+    size = side if isinstance(side, int) else 224
+    outputs = [o.name for o in sess.get_outputs()]  # what kensa computes too (maps for a region)
     app = FastAPI()
 
     def judge(data: bytes) -> list:
         img = Image.open(io.BytesIO(data)).convert("RGB")
-        img = img.resize((224, 224), Image.Resampling.BILINEAR)
-        return sess.run(["probs"], {"images": np.asarray(img)[None]})[0][0].tolist()
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+        return sess.run(outputs, {"images": np.asarray(img)[None]})[0][0].tolist()
 
     @app.post("/predict")
     async def predict(request: Request) -> dict:

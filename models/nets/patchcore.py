@@ -160,9 +160,11 @@ class PatchCoreNet(nn.Module):
         f = self.features(x)  # (B, C, h, w)
         c, h, w = (int(v) for v in f.shape[1:])  # the batch stays symbolic in the ONNX graph
         p = f.permute(0, 2, 3, 1).reshape(-1, c) @ self.proj
-        # ||p - m||² = ||p||² - 2 p·m + ||m||², one matrix product instead of a (P, M, C) tensor.
-        d2 = (p * p).sum(1, keepdim=True) - 2.0 * (p @ self.bank.T) + self.bank_sq
-        d = d2.amin(dim=1).clamp_min(0.0).sqrt()
+        # ||p - m||² = ||p||² - 2 p·m + ||m||², one matrix product instead of a (P, M, C) tensor;
+        # ||p||² is the same for every m, so it is added after the minimum: the (P, M) product
+        # and its bias are one Gemm, and nothing else touches the (P, M) matrix but the minimum.
+        d2 = torch.addmm(self.bank_sq, p, self.bank.T, beta=1.0, alpha=-2.0).amin(dim=1)
+        d = (d2 + (p * p).sum(1)).clamp_min(0.0).sqrt()
         return d.reshape(-1, h, w), f.mean(dim=(2, 3))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
