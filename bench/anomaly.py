@@ -133,6 +133,32 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(rows: list[dict[str, Any]], ladder: list[dict[str, Any]]) -> str:
+    """Supervised rungs and PatchCore (default recipe) in one table, per size: what each costs and buys.
+
+    Automation is each model's at false reject <= 5 %: the supervised band also certifies escape
+    <= 5 %, PatchCore's cannot (it saw no defect), so its measured test escape rate stands beside it.
+    """
+    recipe = recipe_of(PatchCoreConfig())
+    lines = [
+        "| model | learned from | px | AUROC | automation (test escape) | escape certified | CPU-s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size in sorted({r["size"] for r in rows + ladder}):
+        for r in (r for r in ladder if r["size"] == size):
+            lines.append(
+                f"| {r['rung']} | labelled parts | {size} | {r['auroc']:.3f} "
+                f"| {_pct(r['auto5'])} ({_pct(r['test_escape5'])}) | yes (≤ 5 %) | {r['train_cpu_s']:.0f} |"
+            )
+        for r in (r for r in rows if r["size"] == size and r.get("recipe") == recipe):
+            lines.append(
+                f"| PatchCore, {r['good_parts']} good parts | good parts only | {size} "
+                f"| {r['image_auroc']:.3f} | {_pct(r['auto5'])} ({_pct(r['escape5'])}) | no "
+                f"| {r['fit_cpu_s']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict[str, Any]], ladder: list[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
@@ -213,6 +239,7 @@ def main() -> None:
     ladder = [json.loads(x) for x in args.ladder.read_text().splitlines()] if args.ladder.exists() else []
     plot(rows, ladder, args.plot)
     print(table(rows))
+    print(side_by_side(rows, ladder))
 
 
 if __name__ == "__main__":
