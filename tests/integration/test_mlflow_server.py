@@ -90,7 +90,7 @@ def test_runs_and_registry_live_in_postgres_and_artifacts_go_through_the_server(
         engine.dispose()
     assert models == [MODEL_NAME]
     assert ("candidate", int(version)) in [(a, int(v)) for a, v in aliases]
-    assert {"pilot", "sweep", "mobilenet_v3_small@0.5"} <= run_names
+    assert {"pilot", "sweep", "tiny_cnn@0.5"} <= run_names
 
     client = MlflowClient(tracking_uri=tracked_pilot.server.url, registry_uri=tracked_pilot.server.url)
     experiment = client.get_experiment_by_name("kensa")
