@@ -41,6 +41,18 @@ class ComparisonResult:
     notes: list[str]
 
 
+def registry_context(config: ProjectConfig | str | Path | None, settings: Settings | None) -> FlowContext:
+    """Settings, project config, MLflow client and experiment for a command on registered versions."""
+    settings = settings or Settings()
+    project = (
+        config
+        if isinstance(config, ProjectConfig)
+        else load_project_config(Path(config) if config else settings.project_config)
+    )
+    client = configure_mlflow(settings)
+    return FlowContext(settings, project, client, ensure_experiment(settings, EXPERIMENT))
+
+
 def get_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
     try:
         return client.get_model_version(name, version)
@@ -115,14 +127,8 @@ def compare_versions(
     Latency is measured here at the project's serving batch size and priced with its serving plan,
     so cost per million parts compares like with like. Relative CE uses ``version_a`` as reference.
     """
-    settings = settings or Settings()
-    project = (
-        config
-        if isinstance(config, ProjectConfig)
-        else load_project_config(Path(config) if config else settings.project_config)
-    )
-    client = configure_mlflow(settings)
-    ctx = FlowContext(settings, project, client, ensure_experiment(settings, EXPERIMENT))
+    ctx = registry_context(config, settings)
+    settings, project, client = ctx.settings, ctx.config, ctx.client
     model = name or project.name
     for v in (version_a, version_b):
         get_version(client, model, v)  # an unknown version fails before any download or evaluation

@@ -29,11 +29,11 @@ from typing import Any
 import mlflow
 import onnx
 
-from kensa.flows.common import EXPERIMENT, FlowContext
-from kensa.flows.config import ProjectConfig, load_project_config
+from kensa.flows.common import FlowContext
+from kensa.flows.config import ProjectConfig
 from kensa.flows.gate import GateFailedError, GateResult, evaluate_gate
 from kensa.flows.register import register_candidate
-from kensa.flows.tracking import configure_mlflow, ensure_experiment, log_dataset_input
+from kensa.flows.tracking import log_dataset_input
 from kensa.governance.approvals import audit_model_event
 from kensa.models.data.ingest import DatasetVersion, load_dataset
 from kensa.models.evaluation.anomaly_band import calibrate_anomaly_band
@@ -44,7 +44,7 @@ from kensa.models.onnx.contract import read_metadata, read_preprocess
 from kensa.models.onnx.export import cpu_session, run_onnx
 from kensa.models.train.trainer import split_tensors
 from kensa.monitoring.reference import REFERENCE_FILE, build_reference
-from kensa.notebook.compare import CompareError, dataset_of, download_version, get_version
+from kensa.notebook.compare import CompareError, dataset_of, download_version, get_version, registry_context
 from kensa.registry import TAG_COST, TAG_PARITY
 from kensa.settings import Settings
 
@@ -109,14 +109,8 @@ def recalibrate_version(
     """
     if not reason.strip():
         raise ValueError("a recalibration needs a reason (it is a governed change to what the line runs)")
-    settings = settings or Settings()
-    project = (
-        config
-        if isinstance(config, ProjectConfig)
-        else load_project_config(Path(config) if config else settings.project_config)
-    )
-    client = configure_mlflow(settings)
-    ctx = FlowContext(settings, project, client, ensure_experiment(settings, EXPERIMENT))
+    ctx = registry_context(config, settings)
+    settings, project, client = ctx.settings, ctx.config, ctx.client
     model = name or project.name
     source_version = get_version(client, model, version)
     root = Path(data) if data else dataset_of(client, model, version)
